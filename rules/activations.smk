@@ -1,0 +1,71 @@
+# Stage 2: the token corpus (web + chat, template mask) and the paired activation cache.
+
+SHARDS = config["activations"]["shards"]
+
+
+rule build_corpus:
+    input:
+        MODEL_INPUTS,
+    output:
+        expand(f"{CORPUS}/{{split}}.parquet", split=SPLITS),
+    params:
+        p=params_of("build_corpus"),
+    log:
+        log_of("build_corpus"),
+    conda:
+        ENV
+    shell:
+        "python workflow_scripts/build_corpus.py --params {params.p:q} --base {BASE_MODEL:q} --chat {CHAT_MODEL:q}"
+        " --toy-data {MODELS}/data --out {CORPUS} 2>&1 | tee {log}"
+
+
+def cache_output(split, shard):
+    return f"{ACTS}/{split}.h5" if SHARDS == 1 else f"{ACTS}/shards/{split}-{shard}.h5"
+
+
+rule cache_activations:
+    input:
+        MODEL_INPUTS,
+        corpus=f"{CORPUS}/{{split}}.parquet",
+    output:
+        f"{ACTS}/{{split}}.h5" if SHARDS == 1 else f"{ACTS}/shards/{{split}}-{{shard}}.h5",
+    wildcard_constraints:
+        split="train|val",
+        shard=r"\d+",
+    params:
+        p=params_of("cache_activations"),
+        shard=lambda w: f"--shard {w.shard} --num-shards {SHARDS}" if SHARDS > 1 else "",
+    log:
+        log_of("cache_activations", "-{split}" if SHARDS == 1 else "-{split}-{shard}"),
+    threads: workflow.cores
+    resources:
+        gpu=1,
+    conda:
+        ENV
+    shell:
+        "python workflow_scripts/cache_activations.py --params {params.p:q} --base {BASE_MODEL:q} --chat {CHAT_MODEL:q}"
+        " --corpus {input.corpus} --out {output} {params.shard} 2>&1 | tee {log}"
+
+
+if SHARDS > 1:
+
+    rule merge_activations:
+        input:
+            lambda w: [cache_output(w.split, i) for i in range(SHARDS)],
+        output:
+            f"{ACTS}/{{split}}.h5",
+        wildcard_constraints:
+            split="train|val",
+        params:
+            p=params_of("merge_activations"),
+        log:
+            log_of("merge_activations", "-{split}"),
+        conda:
+            ENV
+        shell:
+            "python workflow_scripts/merge_activations.py --params {params.p:q} --out {output} {input} 2>&1 | tee {log}"
+
+
+rule activations:
+    input:
+        expand(f"{ACTS}/{{split}}.h5", split=SPLITS),

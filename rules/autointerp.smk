@@ -1,0 +1,49 @@
+# Stage 6: autointerp (paper A.10): activating examples per tercile, LLM explanations, detection
+# scores against MiniLM-similar and random non-activating windows.
+
+
+rule collect_examples:
+    input:
+        model=f"{CC}/{{variant}}/model.safetensors",
+        latents=f"{ANALYSIS}/{{variant}}/latents.parquet",
+        val=f"{ACTS}/val.h5",
+    output:
+        f"{AUTOINTERP}/{{variant}}/examples.parquet",
+    params:
+        p=params_of("collect_examples"),
+    log:
+        log_of("collect_examples", "-{variant}"),
+    threads: workflow.cores
+    conda:
+        ENV
+    shell:
+        "python workflow_scripts/collect_examples.py --params {params.p:q} --crosscoder {CC}/{wildcards.variant}"
+        " --latents {input.latents} --val {input.val} --tokenizer {CHAT_MODEL:q} --out {output} 2>&1 | tee {log}"
+
+
+rule explain_and_score:
+    input:
+        MODEL_INPUTS,
+        examples=f"{AUTOINTERP}/{{variant}}/examples.parquet",
+    output:
+        explanations=f"{AUTOINTERP}/{{variant}}/explanations.jsonl",
+        scores=f"{AUTOINTERP}/{{variant}}/scores.parquet",
+        metrics=f"{AUTOINTERP}/{{variant}}/metrics.json",
+    params:
+        p=params_of("explain_and_score"),
+        cache=f"results/llm_cache/{PAIR}",
+    log:
+        log_of("explain_and_score", "-{variant}"),
+    threads: workflow.cores
+    resources:
+        gpu=1,
+    conda:
+        ENV
+    shell:
+        "python workflow_scripts/explain_and_score.py --params {params.p:q} --examples {input.examples}"
+        " --serve-model {CHAT_MODEL:q} --cache {params.cache} --out {AUTOINTERP}/{wildcards.variant} 2>&1 | tee {log}"
+
+
+rule autointerp:
+    input:
+        expand(f"{AUTOINTERP}/{{variant}}/scores.parquet", variant=VARIANTS),

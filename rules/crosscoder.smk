@@ -1,0 +1,31 @@
+# Stage 3: one crosscoder per entry of params.yaml `crosscoders:` (default: l1 and batchtopk).
+
+
+rule train_crosscoder:
+    input:
+        train=f"{ACTS}/train.h5",
+        val=f"{ACTS}/val.h5",
+    output:
+        model=f"{CC}/{{variant}}/model.safetensors",
+        config=f"{CC}/{{variant}}/config.json",
+        metrics=f"{CC}/{{variant}}/metrics.json",
+        dvclive=directory(f"{CC}/{{variant}}/dvclive"),
+    params:
+        p=params_of("train_crosscoder"),
+        checkpoints=f"results/checkpoints/{PAIR}/L{LAYER}/{{variant}}",
+    log:
+        log_of("train_crosscoder", "-{variant}"),
+    threads: workflow.cores
+    resources:
+        gpu=1,
+    conda:
+        ENV
+    shell:
+        "python workflow_scripts/train_crosscoder.py --params {params.p:q} --variant {wildcards.variant}"
+        " --train {input.train} --val {input.val} --out {CC}/{wildcards.variant}"
+        " --checkpoints {params.checkpoints} 2>&1 | tee {log}"
+
+
+rule crosscoders:
+    input:
+        expand(f"{CC}/{{variant}}/model.safetensors", variant=VARIANTS),

@@ -1,0 +1,30 @@
+# Stage 7: the paper's tables and figures from this run, plus a browsable latent dashboard.
+
+
+rule render_report:
+    input:
+        models=[f"{MODELS}/metrics.json"] if TOY else [],
+        training=expand(f"{CC}/{{variant}}/metrics.json", variant=VARIANTS),
+        latents=expand(f"{ANALYSIS}/{{variant}}/latents.parquet", variant=VARIANTS),
+        comparison=f"{ANALYSIS}/comparison/metrics.json",
+        causal=expand(f"{CAUSAL}/{{variant}}/kl.parquet", variant=VARIANTS),
+        examples=expand(f"{AUTOINTERP}/{{variant}}/examples.parquet", variant=VARIANTS),
+        scores=expand(f"{AUTOINTERP}/{{variant}}/scores.parquet", variant=VARIANTS),
+    output:
+        index=f"{REPORT}/index.html",
+        latents=directory(f"{REPORT}/latents"),
+    params:
+        p=params_of("render_report"),
+        variants=" ".join(VARIANTS),
+    log:
+        log_of("render_report"),
+    conda:
+        ENV
+    shell:
+        "python workflow_scripts/render_report.py --params {params.p:q} --pair {PAIR} --layer {LAYER}"
+        " --variants {params.variants} --out {REPORT} 2>&1 | tee {log}"
+
+
+rule report:
+    input:
+        f"{REPORT}/index.html",

@@ -1,0 +1,80 @@
+"""Params: validation against the JSON schema, and the per-stage slices that rules declare."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMA = ROOT / "schemas" / "params.schema.yaml"
+
+
+class ParamsError(ValueError):
+    """A params value is invalid; the message names the key."""
+
+
+def merge(base: dict, override: Mapping) -> dict:
+    """Deep-merge `override` into a copy of `base` (how `--configfile` layers presets)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load(path: str | Path = ROOT / "params.yaml", *presets: str | Path) -> dict:
+    cfg = yaml.safe_load(Path(path).read_text())
+    for preset in presets:
+        cfg = merge(cfg, yaml.safe_load(Path(preset).read_text()) or {})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Mapping, schema_path: str | Path = SCHEMA) -> None:
+    """Raise ParamsError naming the offending key (e.g. `crosscoders.batchtopk.k`)."""
+    import jsonschema
+
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(cfg), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = []
+        for err in errors:
+            key = ".".join(str(p) for p in err.absolute_path) or "<top level>"
+            lines.append(f"params key `{key}`: {err.message}")
+        raise ParamsError("invalid params:\n  " + "\n  ".join(lines))
+
+
+def get(cfg: Mapping, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            raise KeyError(f"params key `{dotted}` is missing")
+        node = node[part]
+    return node
+
+
+def select(cfg: Mapping, keys: Iterable[str], **wildcards: str) -> dict:
+    """The sub-tree of `cfg` a stage reads (only `keys`, wildcards like {variant} filled in).
+
+    Workflow scripts get exactly this slice, so a stage cannot read a key it did not declare
+    (and DVC, which tracks the declared keys, cannot miss a dependency).
+    """
+    out: dict = {}
+    for key in keys:
+        parts = key.format(**wildcards).split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = copy.deepcopy(get(cfg, ".".join(parts)))
+    return out
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
