@@ -37,12 +37,12 @@ sync-dvc: $(STAMP)
 
 ## After `dvc pull`: mark pulled outputs up to date so plain `snakemake TARGET` agrees with DVC.
 dvc-pull: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python workflow_scripts/guard.py dvc pull
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python workflow_scripts/guard.py snakemake --touch --cores 1
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc pull
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --touch --cores 1
 
 ## After an ad-hoc `snakemake TARGET`: record its outputs in dvc.lock and the DVC cache.
 dvc-commit: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python workflow_scripts/guard.py dvc commit -f
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc commit -f
 
 clean:
 	rm -rf results/* .snakemake

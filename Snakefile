@@ -1,6 +1,9 @@
 # crossdiff: what did chat fine-tuning change inside a language model?
 # The one DAG of the project. dvc.yaml is generated from it (workflow_scripts/sync_dvc.py).
 
+import sys
+from pathlib import Path
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -8,6 +11,11 @@ min_version("9.0")
 configfile: "params.yaml"
 
 
+# Bad params stop here, before any compute, with an error naming the key.
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+from crossdiff.config import validate as validate_params
+
+validate_params(config)
 validate(config, "schemas/params.schema.yaml")
 
 

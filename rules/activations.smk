@@ -9,18 +9,18 @@ rule build_corpus:
     output:
         expand(f"{CORPUS}/{{split}}.parquet", split=SPLITS),
     params:
+        base_model=lambda w: BASE_MODEL,
+        chat_model=lambda w: CHAT_MODEL,
+        corpus=lambda w: CORPUS,
+        models=lambda w: MODELS,
         p=params_of("build_corpus"),
     log:
         log_of("build_corpus"),
     conda:
         ENV
     shell:
-        "python workflow_scripts/build_corpus.py --params {params.p:q} --base {BASE_MODEL:q} --chat {CHAT_MODEL:q}"
-        " --toy-data {MODELS}/data --out {CORPUS} 2>&1 | tee {log}"
-
-
-def cache_output(split, shard):
-    return f"{ACTS}/{split}.h5" if SHARDS == 1 else f"{ACTS}/shards/{split}-{shard}.h5"
+        "python workflow_scripts/build_corpus.py --params {params.p:q} --base {params.base_model:q} --chat {params.chat_model:q}"
+        " --toy-data {params.models}/data --out {params.corpus} 2>&1 | tee {log}"
 
 
 rule cache_activations:
@@ -33,6 +33,8 @@ rule cache_activations:
         split="train|val",
         shard=r"\d+",
     params:
+        base_model=lambda w: BASE_MODEL,
+        chat_model=lambda w: CHAT_MODEL,
         p=params_of("cache_activations"),
         shard=lambda w: f"--shard {w.shard} --num-shards {SHARDS}" if SHARDS > 1 else "",
     log:
@@ -43,7 +45,7 @@ rule cache_activations:
     conda:
         ENV
     shell:
-        "python workflow_scripts/cache_activations.py --params {params.p:q} --base {BASE_MODEL:q} --chat {CHAT_MODEL:q}"
+        "python workflow_scripts/cache_activations.py --params {params.p:q} --base {params.base_model:q} --chat {params.chat_model:q}"
         " --corpus {input.corpus} --out {output} {params.shard} 2>&1 | tee {log}"
 
 
@@ -51,7 +53,7 @@ if SHARDS > 1:
 
     rule merge_activations:
         input:
-            lambda w: [cache_output(w.split, i) for i in range(SHARDS)],
+            expand(f"{ACTS}/shards/{{{{split}}}}-{{shard}}.h5", shard=range(SHARDS)),
         output:
             f"{ACTS}/{{split}}.h5",
         wildcard_constraints:

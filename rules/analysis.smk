@@ -12,6 +12,8 @@ rule analyse_latents:
         metrics=f"{ANALYSIS}/{{variant}}/metrics.json",
         figures=directory(f"{ANALYSIS}/{{variant}}/figures"),
     params:
+        analysis=lambda w: ANALYSIS,
+        cc=lambda w: CC,
         p=params_of("analyse_latents"),
     log:
         log_of("analyse_latents", "-{variant}"),
@@ -19,8 +21,8 @@ rule analyse_latents:
     conda:
         ENV
     shell:
-        "python workflow_scripts/analyse_latents.py --params {params.p:q} --crosscoder {CC}/{wildcards.variant}"
-        " --train {input.train} --val {input.val} --out {ANALYSIS}/{wildcards.variant} 2>&1 | tee {log}"
+        "python workflow_scripts/analyse_latents.py --params {params.p:q} --crosscoder {params.cc}/{wildcards.variant}"
+        " --train {input.train} --val {input.val} --out {params.analysis}/{wildcards.variant} 2>&1 | tee {log}"
 
 
 rule compare_variants:
@@ -30,6 +32,7 @@ rule compare_variants:
         metrics=f"{ANALYSIS}/comparison/metrics.json",
         figures=directory(f"{ANALYSIS}/comparison/figures"),
     params:
+        analysis=lambda w: ANALYSIS,
         p=params_of("compare_variants"),
         variants=" ".join(VARIANTS),
     log:
@@ -38,7 +41,7 @@ rule compare_variants:
         ENV
     shell:
         "python workflow_scripts/compare_variants.py --params {params.p:q} --variants {params.variants}"
-        " --analysis {ANALYSIS} --out {ANALYSIS}/comparison 2>&1 | tee {log}"
+        " --analysis {params.analysis} --out {params.analysis}/comparison 2>&1 | tee {log}"
 
 
 rule analysis:

@@ -10,6 +10,8 @@ rule collect_examples:
     output:
         f"{AUTOINTERP}/{{variant}}/examples.parquet",
     params:
+        cc=lambda w: CC,
+        chat_model=lambda w: CHAT_MODEL,
         p=params_of("collect_examples"),
     log:
         log_of("collect_examples", "-{variant}"),
@@ -17,8 +19,8 @@ rule collect_examples:
     conda:
         ENV
     shell:
-        "python workflow_scripts/collect_examples.py --params {params.p:q} --crosscoder {CC}/{wildcards.variant}"
-        " --latents {input.latents} --val {input.val} --tokenizer {CHAT_MODEL:q} --out {output} 2>&1 | tee {log}"
+        "python workflow_scripts/collect_examples.py --params {params.p:q} --crosscoder {params.cc}/{wildcards.variant}"
+        " --latents {input.latents} --val {input.val} --tokenizer {params.chat_model:q} --out {output} 2>&1 | tee {log}"
 
 
 rule explain_and_score:
@@ -30,6 +32,8 @@ rule explain_and_score:
         scores=f"{AUTOINTERP}/{{variant}}/scores.parquet",
         metrics=f"{AUTOINTERP}/{{variant}}/metrics.json",
     params:
+        autointerp=lambda w: AUTOINTERP,
+        chat_model=lambda w: CHAT_MODEL,
         p=params_of("explain_and_score"),
         cache=f"results/llm_cache/{PAIR}",
     log:
@@ -41,7 +45,7 @@ rule explain_and_score:
         ENV
     shell:
         "python workflow_scripts/explain_and_score.py --params {params.p:q} --examples {input.examples}"
-        " --serve-model {CHAT_MODEL:q} --cache {params.cache} --out {AUTOINTERP}/{wildcards.variant} 2>&1 | tee {log}"
+        " --serve-model {params.chat_model:q} --cache {params.cache} --out {params.autointerp}/{wildcards.variant} 2>&1 | tee {log}"
 
 
 rule autointerp:

@@ -9,6 +9,8 @@ rule generate_eval_set:
     output:
         f"results/causal/{PAIR}/eval_set.parquet",
     params:
+        chat_model=lambda w: CHAT_MODEL,
+        models=lambda w: MODELS,
         p=params_of("generate_eval_set"),
     log:
         log_of("generate_eval_set"),
@@ -18,8 +20,8 @@ rule generate_eval_set:
     conda:
         ENV
     shell:
-        "python workflow_scripts/generate_eval_set.py --params {params.p:q} --chat {CHAT_MODEL:q}"
-        " --toy-data {MODELS}/data --corpus {input.corpus} --out {output} 2>&1 | tee {log}"
+        "python workflow_scripts/generate_eval_set.py --params {params.p:q} --chat {params.chat_model:q}"
+        " --toy-data {params.models}/data --corpus {input.corpus} --out {output} 2>&1 | tee {log}"
 
 
 rule causal_kl:
@@ -33,6 +35,10 @@ rule causal_kl:
         metrics=f"{CAUSAL}/{{variant}}/metrics.json",
         figures=directory(f"{CAUSAL}/{{variant}}/figures"),
     params:
+        base_model=lambda w: BASE_MODEL,
+        causal=lambda w: CAUSAL,
+        cc=lambda w: CC,
+        chat_model=lambda w: CHAT_MODEL,
         p=params_of("causal_kl"),
     log:
         log_of("causal_kl", "-{variant}"),
@@ -42,9 +48,9 @@ rule causal_kl:
     conda:
         ENV
     shell:
-        "python workflow_scripts/causal_kl.py --params {params.p:q} --base {BASE_MODEL:q} --chat {CHAT_MODEL:q}"
-        " --eval-set {input.eval_set} --crosscoder {CC}/{wildcards.variant} --latents {input.latents}"
-        " --variant {wildcards.variant} --out {CAUSAL}/{wildcards.variant} 2>&1 | tee {log}"
+        "python workflow_scripts/causal_kl.py --params {params.p:q} --base {params.base_model:q} --chat {params.chat_model:q}"
+        " --eval-set {input.eval_set} --crosscoder {params.cc}/{wildcards.variant} --latents {input.latents}"
+        " --variant {wildcards.variant} --out {params.causal}/{wildcards.variant} 2>&1 | tee {log}"
 
 
 rule causal:

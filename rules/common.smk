@@ -7,7 +7,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from crossdiff import config as cfg
+from crossdiff.guard import refuse_if_dvc_running
 
+refuse_if_dvc_running(workflow.basedir)
 
 PAIR = config["pair"]
 LAYER = config["layer"]
@@ -50,11 +52,6 @@ STAGES = {
 }
 
 
-def params_of(rule_name):
-    """The params slice a rule reads, as JSON: Snakemake reruns a job when it changes."""
-    keys = STAGES[rule_name]["params"]
-    return lambda wildcards: cfg.dumps(cfg.select(config, keys, **dict(wildcards.items())))
-
-
-def log_of(rule_name, suffix=""):
-    return f"{LOGS}/{rule_name}{suffix}.log"
+# params_of(rule): the params slice the rule reads, as JSON (Snakemake reruns a job when it changes).
+params_of = cfg.params_factory(config, STAGES)
+log_of = cfg.log_factory(LOGS)

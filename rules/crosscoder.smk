@@ -11,6 +11,7 @@ rule train_crosscoder:
         metrics=f"{CC}/{{variant}}/metrics.json",
         dvclive=directory(f"{CC}/{{variant}}/dvclive"),
     params:
+        cc=lambda w: CC,
         p=params_of("train_crosscoder"),
         checkpoints=f"results/checkpoints/{PAIR}/L{LAYER}/{{variant}}",
     log:
@@ -22,7 +23,7 @@ rule train_crosscoder:
         ENV
     shell:
         "python workflow_scripts/train_crosscoder.py --params {params.p:q} --variant {wildcards.variant}"
-        " --train {input.train} --val {input.val} --out {CC}/{wildcards.variant}"
+        " --train {input.train} --val {input.val} --out {params.cc}/{wildcards.variant}"
         " --checkpoints {params.checkpoints} 2>&1 | tee {log}"
 
 

@@ -11,6 +11,7 @@ if TOY:
             data=directory(f"{MODELS}/data"),
             metrics=f"{MODELS}/metrics.json",
         params:
+            models=lambda w: MODELS,
             p=params_of("build_toy_pair"),
         log:
             log_of("build_toy_pair"),
@@ -20,7 +21,7 @@ if TOY:
         conda:
             ENV
         shell:
-            "python workflow_scripts/build_toy_pair.py --params {params.p:q} --out {MODELS} 2>&1 | tee {log}"
+            "python workflow_scripts/build_toy_pair.py --params {params.p:q} --out {params.models} 2>&1 | tee {log}"
 
 
 rule models:

@@ -14,6 +14,9 @@ rule render_report:
         index=f"{REPORT}/index.html",
         latents=directory(f"{REPORT}/latents"),
     params:
+        layer=lambda w: LAYER,
+        pair=lambda w: PAIR,
+        report=lambda w: REPORT,
         p=params_of("render_report"),
         variants=" ".join(VARIANTS),
     log:
@@ -21,8 +24,8 @@ rule render_report:
     conda:
         ENV
     shell:
-        "python workflow_scripts/render_report.py --params {params.p:q} --pair {PAIR} --layer {LAYER}"
-        " --variants {params.variants} --out {REPORT} 2>&1 | tee {log}"
+        "python workflow_scripts/render_report.py --params {params.p:q} --pair {params.pair} --layer {params.layer}"
+        " --variants {params.variants} --out {params.report} 2>&1 | tee {log}"
 
 
 rule report:

@@ -28,6 +28,8 @@ if TOY:
         output:
             f"results/validate/{PAIR}/behaviours.json",
         params:
+            analysis=lambda w: ANALYSIS,
+            cc=lambda w: CC,
             p=params_of("validate_behaviours"),
             variants=" ".join(VARIANTS),
         log:
@@ -36,7 +38,7 @@ if TOY:
             ENV
         shell:
             "python workflow_scripts/validate_behaviours.py --params {params.p:q} --variants {params.variants}"
-            " --crosscoders {CC} --analysis {ANALYSIS} --val {input.val} --corpus {input.corpus} --out {output} 2>&1 | tee {log}"
+            " --crosscoders {params.cc} --analysis {params.analysis} --val {input.val} --corpus {input.corpus} --out {output} 2>&1 | tee {log}"
 
 
 rule validate:

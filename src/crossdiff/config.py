@@ -78,3 +78,17 @@ def select(cfg: Mapping, keys: Iterable[str], **wildcards: str) -> dict:
 
 def dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def params_factory(config: Mapping, stages: Mapping):
+    """For rules' `params:`: rule name -> (wildcards -> JSON of the keys the rule declares)."""
+
+    def params_of(rule_name: str):
+        keys = stages[rule_name]["params"]
+        return lambda wildcards: dumps(select(config, keys, **dict(wildcards.items())))
+
+    return params_of
+
+
+def log_factory(logs_dir: str):
+    return lambda rule_name, suffix="": f"{logs_dir}/{rule_name}{suffix}.log"
