@@ -1,0 +1,10 @@
+"""Autointerp (paper A.10, Paulo et al. 2024): explain latents with an LLM and detection-score them.
+
+examples.py   streaming collection of activating windows per latent, by activation tercile
+negatives.py  MiniLM-similar and random non-activating windows
+prompts.py    explainer / scorer prompts and robust parsing of their answers
+client.py     OpenAI-compatible client: concurrency, timeouts, retries, on-disk cache (resumable)
+server.py     a local `transformers serve` on 127.0.0.1 when no endpoint is configured
+scoring.py    balanced accuracy (similar vs random negatives), per-tercile recall, summary metrics
+pipeline.py   the explain_and_score stage
+"""

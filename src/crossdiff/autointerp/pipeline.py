@@ -1,0 +1,104 @@
+"""The `explain_and_score` stage: explain each latent from its explain split, then detection-score it.
+
+The endpoint is `autointerp.endpoint` when `base_url` is set; otherwise a local `transformers serve`
+of `endpoint.model` (or, when that is empty too, of the pair's chat model) runs for the duration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import polars as pl
+
+from . import prompts, scoring, server
+from .client import LLMClient, api_key_from_env
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def open_endpoint(params: dict, cache_dir: str | os.PathLike, serve_model: str | None = None,
+                  dtype: str = "auto", backoff_s: float = 1.0) -> Iterator[LLMClient]:
+    """An LLMClient on the configured endpoint, or on a local server started (and stopped) here."""
+    ep = params["endpoint"]
+    kw = dict(cache_dir=cache_dir, concurrency=ep["concurrency"], timeout_s=ep["timeout_s"],
+              retries=ep["retries"], backoff_s=backoff_s, max_tokens=params["max_tokens"],
+              temperature=params["temperature"])
+    if ep["base_url"]:
+        key = api_key_from_env(ep["api_key_env"], required=False)
+        if not os.environ.get(ep["api_key_env"] or ""):
+            log.warning("$%s is not set: calling %s without an API key", ep["api_key_env"], ep["base_url"])
+        yield LLMClient(ep["base_url"], ep["model"], api_key=key, **kw)
+        return
+    model = ep["model"] or serve_model
+    if not model:
+        raise ValueError("autointerp.endpoint: base_url and model are empty and no model to serve was given")
+    with server.serve(model, dtype=dtype, log_path=Path(cache_dir) / "server.log") as srv:
+        client = LLMClient(srv.base_url, srv.model, **kw)
+        client.server = srv  # the local server behind this client (for its request count and log)
+        yield client
+
+
+def _rng(seed: int, latent: int) -> np.random.Generator:
+    return np.random.default_rng([seed, latent])
+
+
+def explain(client: LLMClient, examples: pl.DataFrame, seed: int,
+            on_result: Callable[[int, str], None] | None = None) -> list[dict]:
+    """One explainer call per latent on its explain windows (shuffled, activating tokens marked)."""
+    records, requests = [], []
+    for (latent,), ex in examples.filter(pl.col("split") == "explain").group_by("latent", maintain_order=True):
+        ex = ex[_rng(seed, latent).permutation(ex.height).tolist()]
+        messages = prompts.explainer_messages(list(zip(ex["tokens"].to_list(), ex["acts"].to_list())))
+        records.append({"latent": latent, "klass": ex["klass"][0], "prompt_hash": prompts.prompt_hash(messages)})
+        requests.append(messages)
+    for rec, response in zip(records, client.complete_many(requests, "explain", on_result)):
+        rec["explanation"] = prompts.parse_explanation(response)
+        rec["parsed"] = rec["explanation"] is not None
+        rec["response"] = response
+        rec["model"] = client.model
+    n_ok = sum(r["parsed"] for r in records)
+    log.info("explanations parsed for %d/%d latents", n_ok, len(records))
+    return records
+
+
+def score(client: LLMClient, examples: pl.DataFrame, explanations: list[dict], batch: int, seed: int,
+          on_result: Callable[[int, str], None] | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Detection scoring of every explained latent. Returns (per-latent scores, per-excerpt predictions)."""
+    chunks, requests = [], []
+    for rec in explanations:
+        ex = examples.filter(pl.col("latent") == rec["latent"])
+        description = rec["explanation"] or ""
+        for chunk in scoring.scoring_batches(ex, batch, seed + rec["latent"]):
+            chunks.append(chunk)
+            requests.append(prompts.scorer_messages(description, chunk["tokens"].to_list()))
+    preds = []
+    for chunk, response in zip(chunks, client.complete_many(requests, "score", on_result)):
+        labels = prompts.parse_labels(response, chunk.height) or [scoring.UNPARSED] * chunk.height
+        preds.append(chunk.select("latent", "klass", "split", "tercile", "window").with_columns(
+            pred=pl.Series(labels, dtype=pl.Int8)))
+    schema = {"latent": pl.Int64, "klass": pl.Utf8, "split": pl.Utf8, "tercile": pl.Int8, "window": pl.Int64,
+              "pred": pl.Int8}
+    preds = pl.concat(preds) if preds else pl.DataFrame(schema=schema)
+    rows = []
+    for rec in explanations:
+        mine = preds.filter(pl.col("latent") == rec["latent"])
+        rows.append({"latent": rec["latent"], "klass": rec["klass"], **scoring.latent_scores(mine)})
+    return pl.DataFrame(rows), preds
+
+
+def explain_and_score(examples: pl.DataFrame, client: LLMClient, params: dict,
+                      on_result: Callable[[int, str], None] | None = None) -> tuple[list[dict], pl.DataFrame, dict]:
+    """(explanations, scores, metrics) for every latent in `examples`."""
+    if examples.is_empty():
+        raise ValueError("examples table is empty: no latent had activating windows")
+    explanations = explain(client, examples, params["seed"], on_result)
+    scores, _ = score(client, examples, explanations, params["score_batch"], params["seed"], on_result)
+    metrics = scoring.summarise(scores)
+    metrics["llm_calls"] = {"cached": client.hits, "new": client.misses, "model": client.model}
+    return explanations, scores, metrics
