@@ -1,0 +1,320 @@
+"""The crosscoder (paper §2.1, A.1): one shared encoder over base+chat activations, one decoder per model.
+
+Parameters live in a *normalised* space (each model's activations scaled by √d / E‖h‖, DESIGN §4) so the
+sparsity terms and the latent analysis see comparable units; `encode` takes raw activations and `decode`
+returns raw activations, so every public output is in the units of the cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from crossdiff.io import atomic_path, write_json
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+Kind = Literal["l1", "batchtopk"]
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+@dataclass
+class CrossCoderConfig:
+    d_model: int
+    dict_size: int
+    kind: Kind
+    k: int | None = None             # BatchTopK: mean active latents per token (eq. 6)
+    init_norm: float = 0.1           # encoder column norm at init (A.12), see CrossCoder.reset_parameters
+    extra: dict = field(default_factory=dict)  # free-form provenance (training params, cache attrs)
+
+    def __post_init__(self):
+        if self.kind not in ("l1", "batchtopk"):
+            raise ValueError(f"kind must be 'l1' or 'batchtopk', got {self.kind!r}")
+        if self.d_model < 1 or self.dict_size < 1:
+            raise ValueError(f"d_model and dict_size must be positive, got {self.d_model}, {self.dict_size}")
+        if self.kind == "batchtopk" and not (self.k and 1 <= self.k <= self.dict_size):
+            raise ValueError(f"batchtopk needs 1 <= k <= dict_size, got k={self.k}, dict_size={self.dict_size}")
+
+
+class CrossCoder(nn.Module):
+    """W_enc (2, d, D), b_enc (D,), W_dec (2, D, d), b_dec (2, d); index 0 = base, 1 = chat."""
+
+    def __init__(self, cfg: CrossCoderConfig, scale: Tensor | None = None):
+        super().__init__()
+        self.cfg = cfg
+        d, D = cfg.d_model, cfg.dict_size
+        self.W_enc = nn.Parameter(torch.empty(2, d, D))
+        self.b_enc = nn.Parameter(torch.zeros(D))
+        self.W_dec = nn.Parameter(torch.empty(2, D, d))
+        self.b_dec = nn.Parameter(torch.zeros(2, d))
+        # θ (eq. 11); < 0 means "not estimated yet". Kept for both kinds so every checkpoint has the same keys.
+        self.register_buffer("threshold", torch.tensor(-1.0))
+        self.register_buffer("scale", torch.ones(2) if scale is None else torch.as_tensor(scale, dtype=torch.float32).clone())
+        self.reset_parameters()
+
+    @property
+    def kind(self) -> Kind:
+        return self.cfg.kind
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """A.12: decoder = encoder transpose, base and chat halves identical.
+
+        Every per-model encoder column e_j^m gets norm `init_norm` (0.1, the value Anthropic's crosscoder
+        update and the authors' dictionary_learning use). With normalised inputs (‖h^m‖ ≈ √d) a random
+        column gives pre-activations of std ≈ init_norm·√2, and the initial reconstruction W_decᵀW_enc h
+        has norm ≈ (D/2)·init_norm²/d·‖h‖ ≈ 0.1‖h‖ at expansion 16-32: small against h, so early gradients
+        are dominated by the data rather than by a random reconstruction that grows with D.
+        """
+        d, D = self.cfg.d_model, self.cfg.dict_size
+        w = torch.randn(d, D)
+        w *= self.cfg.init_norm / w.norm(dim=0, keepdim=True)
+        self.W_enc.copy_(w.expand(2, d, D))
+        self.W_dec.copy_(w.T.expand(2, D, d))
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    # -- normalisation -------------------------------------------------------------------------
+    def normalize(self, h: Tensor) -> Tensor:
+        """Raw (N, 2, d) -> normalised space (per-model scalar, DESIGN §4)."""
+        self._check_acts(h)
+        return h * self.scale.to(h.dtype)[:, None]
+
+    def _check_acts(self, h: Tensor) -> None:
+        if h.ndim != 3 or h.shape[1] != 2 or h.shape[2] != self.cfg.d_model:
+            raise ValueError(f"expected activations (N, 2, {self.cfg.d_model}), got {tuple(h.shape)}")
+
+    # -- encoder -------------------------------------------------------------------------------
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """f(x) of eq. 1 from *normalised* x (N, 2, d): both models' encoders in one (N, 2d) @ (2d, D) matmul."""
+        n = x.shape[0]
+        pre = torch.addmm(self.b_enc, x.reshape(n, -1), self.W_enc.reshape(-1, self.cfg.dict_size))  # eq. 1
+        return pre.relu_() if not torch.is_grad_enabled() else torch.relu(pre)
+
+    def latent_weights(self) -> Tensor:
+        """‖d_j^base‖ + ‖d_j^chat‖ (D,), the factor of the sparsity terms (eq. 3) and of v (eq. 6)."""
+        return self.decoder_norms().sum(0)
+
+    def encode(self, h: Tensor) -> Tensor:
+        """Raw (N, 2, d) -> inference activations f (N, D): ReLU (L1, eq. 1) or θ-thresholded (BatchTopK, eq. 10)."""
+        return self.encode_normalized(self.normalize(h))
+
+    def encode_normalized(self, x: Tensor) -> Tensor:
+        """`encode` for already normalised x."""
+        f = self.pre_acts(x)
+        if self.kind == "batchtopk":
+            if self.threshold < 0:
+                raise RuntimeError("BatchTopK crosscoder has no inference threshold θ yet (train it first)")
+            v = f * self.latent_weights()                      # v(x, j), A.1
+            f = f * (v > self.threshold)                       # eq. 10
+        return f
+
+    # -- decoder -------------------------------------------------------------------------------
+    def decode_normalized(self, f: Tensor) -> Tensor:
+        """Dense Σ_j f_j d_j + b_dec (eq. 2) in normalised space, (N, 2, d)."""
+        return torch.einsum("nD,mDd->nmd", f, self.W_dec) + self.b_dec  # eq. 2
+
+    def decode(self, f: Tensor) -> Tensor:
+        """f (N, D) -> reconstruction in RAW units (N, 2, d)."""
+        return self.decode_normalized(f) / self.scale.to(f.dtype)[:, None]
+
+    def forward(self, h: Tensor) -> Tensor:
+        """Raw -> raw reconstruction with inference activations."""
+        return self.decode(self.encode(h))
+
+    def decoder_norms(self) -> Tensor:
+        """‖d_j^m‖ (2, D) in normalised space (what the sparsity terms see)."""
+        return self.W_dec.norm(dim=-1)
+
+    def decoder_raw(self) -> Tensor:
+        """W_dec in raw units (2, D, d): Σ_j f_j decoder_raw[m, j] + b_dec/scale reconstructs raw h^m."""
+        return self.W_dec / self.scale[:, None, None]
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> None:
+        """model.safetensors + config.json (DESIGN §3), atomically."""
+        directory = Path(directory)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        with atomic_path(directory / WEIGHTS, suffix=".safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "crossdiff-crosscoder"})
+        write_json(directory / CONFIG, asdict(self.cfg))
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> "CrossCoder":
+        """Never unpickles: safetensors for tensors, JSON for the config."""
+        directory = Path(directory)
+        cfg_path, w_path = directory / CONFIG, directory / WEIGHTS
+        for p in (cfg_path, w_path):
+            if not p.exists():
+                raise FileNotFoundError(f"crosscoder checkpoint incomplete: {p} missing")
+        cfg = CrossCoderConfig(**json.loads(cfg_path.read_text()))
+        model = cls(cfg)
+        model.load_state_dict(load_file(str(w_path)))
+        return model.to(device)
+
+
+def scale_from_norms(d_model: int, norm_base: float, norm_chat: float) -> Tensor:
+    """Per-model normalisation √d / E‖h‖ (DESIGN §4) from the cache's mean norms."""
+    for name, v in (("norm_base", norm_base), ("norm_chat", norm_chat)):
+        if not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"{name} must be a positive finite mean activation norm, got {v}")
+    return torch.tensor([math.sqrt(d_model) / norm_base, math.sqrt(d_model) / norm_chat], dtype=torch.float32)
+
+
+# -- sparse training primitives (DESIGN §7) ------------------------------------------------------
+# A selection is a set of (token, latent) entries given as flat indices n*D + j, sorted ascending, so
+# they are directly the row-major pattern of a CSR matrix (N, D). Decode and every backward below run as
+# CSR products over these entries only: cost O(#entries · d), never O(N · D · d).
+
+
+@contextlib.contextmanager
+def serial(t: Tensor):
+    """Run the sparse ops single-threaded on CPU: each is O(#entries·d) of scattered work, where OpenMP's
+    fork/join costs more than it saves (measured: a 512-entry CSR product takes 16 ms on 2 busy threads,
+    7 µs on one). Dense matmuls outside keep all threads."""
+    if t.device.type != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@dataclass
+class Selection:
+    """Selected entries of an (N, D) activation matrix, in CSR order."""
+    n: int
+    dict_size: int
+    crow: Tensor     # (N+1,) row pointers
+    cols: Tensor     # (E,) latent index of each entry
+    flat: Tensor     # (E,) n*D + j
+
+    @classmethod
+    def from_flat(cls, flat: Tensor, n: int, dict_size: int) -> "Selection":
+        rows = torch.div(flat, dict_size, rounding_mode="floor")
+        counts = torch.bincount(rows, minlength=n)
+        crow = torch.zeros(n + 1, dtype=torch.long, device=flat.device)
+        torch.cumsum(counts, 0, out=crow[1:])
+        return cls(n, dict_size, crow, flat - rows * dict_size, flat)
+
+    def csr(self, values: Tensor) -> Tensor:
+        return torch.sparse_csr_tensor(self.crow, self.cols, values, (self.n, self.dict_size),
+                                       check_invariants=False)
+
+
+def batch_topk_indices(v: Tensor, n_keep: int) -> Tensor:
+    """Flat indices (sorted) of exactly the `n_keep` largest entries of v (N, D): BATCHTOPK of eq. 6.
+
+    Same set as `v.flatten().topk(n_keep)` but much cheaper: a strided sample gives a threshold that
+    keeps ~2·n_keep candidates, and the exact top-k runs on those only. If the sample's threshold keeps too
+    few, it falls back to the full top-k (exactness never depends on the sample).
+    """
+    flat = v.reshape(-1)
+    if not 0 < n_keep <= flat.numel():
+        raise ValueError(f"cannot keep {n_keep} of {flat.numel()} activations")
+    stride = max(1, flat.numel() // 65536)
+    sample = flat[::stride]
+    m = min(sample.numel(), 2 * n_keep // stride + 1)
+    cut = sample.topk(m, sorted=False).values.min()
+    cand = (flat >= cut).nonzero().squeeze(1)                        # ascending
+    if cand.numel() < n_keep:                                        # rare: sample unrepresentative
+        cand = torch.arange(flat.numel(), device=flat.device)
+    pos = flat[cand].topk(n_keep, sorted=False).indices
+    keep = torch.zeros(cand.numel(), dtype=torch.bool, device=flat.device)
+    keep[pos] = True
+    return cand[keep]                                                # still ascending: CSR order
+
+
+class _SelectedActs(torch.autograd.Function):
+    """Values f_j(x_n) at the selected entries, differentiable w.r.t. W_enc and b_enc (eq. 1).
+
+    Forward reuses the dense f already computed for the selection; backward is a CSR product
+    Gᵀ X over the selected entries (the ReLU's gradient is zero where f = 0), instead of the dense
+    X ᵀ G over all N·D pre-activations.
+    """
+
+    @staticmethod
+    def forward(ctx, values, x_flat, W_enc, b_enc, sel: Selection):
+        ctx.sel = sel
+        ctx.save_for_backward(values, x_flat)
+        ctx.enc_shape = W_enc.shape
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        values, x_flat = ctx.saved_tensors
+        sel: Selection = ctx.sel
+        with serial(g):
+            g = g * (values > 0)                                        # ReLU'
+            gW = sel.csr(g).t() @ x_flat                                # (D, 2d) = Gᵀ X
+            gW = gW.t().reshape(ctx.enc_shape)
+            gb = torch.zeros(sel.dict_size, dtype=g.dtype, device=g.device).index_add_(0, sel.cols, g)
+        return None, None, gW, gb, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """Σ_j f_j d_j^m over the selected entries only (eq. 7-8 without the bias), for both models.
+
+    Forward: F_csr @ W_dec[m]. Backward: ∂f = Σ_m SDDMM(G_m, W_dec[m]) at the selected entries,
+    ∂W_dec[m] = F_csrᵀ G_m. Cost O(#entries · d) instead of O(N · D · d).
+    """
+
+    @staticmethod
+    def forward(ctx, values, W_dec, sel: Selection):
+        ctx.sel = sel
+        ctx.save_for_backward(values, W_dec)
+        with serial(values):
+            F = sel.csr(values)
+            return torch.stack([F @ W_dec[m] for m in range(W_dec.shape[0])], 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        values, W_dec = ctx.saved_tensors
+        sel: Selection = ctx.sel
+        with serial(g):
+            g = g.contiguous()
+            F = sel.csr(values)
+            pattern = sel.csr(torch.zeros_like(values))
+            gv = gW = None
+            if ctx.needs_input_grad[0]:
+                gv = sum(torch.sparse.sampled_addmm(pattern, g[:, m], W_dec[m].t(), beta=0.0).values()
+                         for m in range(W_dec.shape[0]))
+            if ctx.needs_input_grad[1]:
+                Ft = F.t()
+                gW = torch.stack([Ft @ g[:, m] for m in range(W_dec.shape[0])])
+        return gv, gW, None
+
+
+def selected_acts(cc: CrossCoder, x: Tensor, f: Tensor, sel: Selection, mask: Tensor | None = None,
+                  w: Tensor | None = None) -> Tensor:
+    """f at the selected entries (E,), with the sparse encoder backward; `mask` zeroes entries (and their grads).
+
+    With `w` (the latent weights), `f` holds v = f·w (A.1) and the values are recovered as v / w, so the
+    trainer keeps a single (N, D) buffer. A latent with w = 0 has v = 0 and gets value 0 (its decoder is
+    zero, so neither its reconstruction nor its gradient changes).
+    """
+    values = f.reshape(-1)[sel.flat]
+    if w is not None:
+        wc = w[sel.cols]
+        values = torch.where(wc > 0, values / wc, 0.0)
+    if mask is not None:
+        values = values * mask
+    return _SelectedActs.apply(values, x.reshape(x.shape[0], -1), cc.W_enc, cc.b_enc, sel)
+
+
+def sparse_decode(cc: CrossCoder, values: Tensor, sel: Selection) -> Tensor:
+    """Σ_j f_j d_j in normalised space (N, 2, d), no bias, touching only the selected latents."""
+    return _SparseDecode.apply(values, cc.W_dec, sel)

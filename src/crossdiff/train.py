@@ -1,0 +1,446 @@
+"""Crosscoder trainer: L1 (eq. 3) and BatchTopK (eq. 6-11) losses, checkpoints, DVCLive metrics.
+
+The step is written so that the BatchTopK path never pays for the D - k inactive latents (DESIGN §7):
+the dense encoder matmul runs without autograd, and everything after the selection (values, decode, aux,
+all backwards) goes through the CSR primitives of `crossdiff.crosscoder`. No host syncs per step except
+logging (on CPU a sync is free, so the NaN check runs every step there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm import tqdm
+
+from crossdiff.cli import resolve_device
+from crossdiff.crosscoder import (CrossCoder, CrossCoderConfig, Selection, batch_topk_indices,
+                                  scale_from_norms, selected_acts, serial, sparse_decode)
+from crossdiff.io import write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """One entry of params.yaml `crosscoders:` (defaults = the paper's A.12 / the authors' trainer)."""
+    type: str
+    expansion: int = 16
+    dict_size: int | None = None
+    mu: float = 0.041              # eq. 3
+    mu_warmup: float = 0.05
+    k: int | None = None           # eq. 6
+    k_anneal: float = 0.0          # fraction of steps annealing k linearly from expansion*k (capped at D) to k
+    k_aux: int = 256
+    aux_alpha: float = 1 / 32      # eq. 9
+    dead_tokens: int = 10_000_000
+    theta_momentum: float = 0.999  # eq. 11 EMA
+    theta_start: float = 0.0       # fraction of steps before θ starts being estimated
+    recon: str = "norm"            # "norm": ‖ε‖₂ as in eq. 3/9 and the authors' code; "squared": ‖ε‖₂²
+    init_norm: float = 0.1
+    lr: float = 1e-4
+    lr_warmup: float = 0.01
+    lr_decay: float = 0.2
+    batch_size: int = 1024
+    epochs: float = 1.0
+    max_steps: int | None = None
+    grad_clip: float = 1.0
+    val_every: int = 200
+    checkpoint_every: int = 500
+    log_every: int = 20
+    dtype: str = "float32"
+    seed: int = 0
+
+    @classmethod
+    def from_params(cls, params: dict, seed: int = 0) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(params) - known
+        if unknown:
+            raise ValueError(f"unknown crosscoder params: {sorted(unknown)}")
+        cfg = cls(**{"seed": seed, **params})
+        if cfg.type not in ("l1", "batchtopk"):
+            raise ValueError(f"crosscoder type must be l1 or batchtopk, got {cfg.type!r}")
+        if cfg.type == "batchtopk" and not cfg.k:
+            raise ValueError("batchtopk needs k")
+        if cfg.recon not in ("norm", "squared"):
+            raise ValueError(f"recon must be 'norm' or 'squared', got {cfg.recon!r}")
+        if cfg.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+        return cfg
+
+
+# -- schedules -----------------------------------------------------------------------------------
+def lr_factor(step: int, total: int, warmup: float, decay: float) -> float:
+    """Linear warm-up over `warmup`·total steps, constant, linear decay to 0 over the last `decay`·total."""
+    w, dcy = warmup * total, decay * total
+    if w > 0 and step < w:
+        return (step + 1) / w
+    if dcy > 0 and step >= total - dcy:
+        return max(0.0, (total - step) / dcy)
+    return 1.0
+
+
+def k_at(step: int, total: int, cfg: TrainConfig, dict_size: int) -> int:
+    """k used at `step`: cfg.k, or annealed linearly from min(expansion·k, D) during the first k_anneal·total."""
+    n = cfg.k_anneal * total
+    if n <= 0 or step >= n:
+        return cfg.k
+    k0 = min(cfg.expansion * cfg.k, dict_size)
+    return max(cfg.k, round(k0 - (k0 - cfg.k) * step / n))
+
+
+def mu_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """μ ramped linearly from 0 over the first mu_warmup·total steps."""
+    n = cfg.mu_warmup * total
+    return cfg.mu * min(1.0, (step + 1) / n) if n > 0 else cfg.mu
+
+
+# -- losses ---------------------------------------------------------------------------------------
+def recon_per_token(eps: Tensor, how: str) -> Tensor:
+    """(N,) per-token ½(‖ε_base‖ + ‖ε_chat‖) (eq. 3, 9), or with squared norms when how == "squared"."""
+    sq = eps.pow(2).sum(-1)                                              # (N, 2)
+    per = sq.sqrt() if how == "norm" else sq
+    return 0.5 * per.sum(-1)                                             # eq. 3 / 9 reconstruction term
+
+
+def l1_loss(cc: CrossCoder, x: Tensor, mu: float, recon: str = "norm", autocast: bool = False) -> dict:
+    """Eq. 3 on normalised x (N, 2, d). Dense: the L1 crosscoder's f is dense by construction."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        f = cc.pre_acts(x)
+        x_hat = cc.decode_normalized(f)
+    f, eps = f.float(), x - x_hat.float()
+    rec = recon_per_token(eps, recon).mean()
+    sparsity = (f * cc.latent_weights()).sum(-1).mean()                 # eq. 3: Σ_j f_j (‖d_j^b‖ + ‖d_j^c‖)
+    return dict(loss=rec + mu * sparsity, recon=rec, sparsity=sparsity, eps=eps.detach(),
+                l0=(f > 0).sum(-1).float().mean(), fired=(f > 0).any(0))
+
+
+def aux_selection(v: Tensor, dead: Tensor, k_aux: int, static: bool) -> tuple[Selection, Tensor]:
+    """Per token, the top-k_aux dead latents by v (A.1). Returns the selection and a mask of valid entries.
+
+    static=True keeps shapes fixed (no host sync, for CUDA): top-min(k_aux, D) over all latents with the
+    live ones at -inf, their entries masked out, so k_aux > #dead behaves like k_aux = #dead.
+    static=False gathers the dead columns first (cheap on CPU when few are dead).
+    """
+    n, D = v.shape
+    if static:
+        kk = min(k_aux, D)
+        pos = torch.where(dead, v, -torch.inf).topk(kk, dim=1, sorted=False).indices.sort(1).values
+        mask = dead[pos].reshape(-1).to(v.dtype)
+        cols = pos
+    else:
+        dead_idx = dead.nonzero().squeeze(1)
+        kk = min(k_aux, dead_idx.numel())
+        cols = dead_idx[v[:, dead_idx].topk(kk, dim=1, sorted=False).indices].sort(1).values
+        mask = None
+    flat = (torch.arange(n, device=v.device)[:, None] * D + cols).reshape(-1)
+    return Selection.from_flat(flat, n, D), mask
+
+
+def batchtopk_loss(cc: CrossCoder, x: Tensor, k: int, tokens_since_fired: Tensor, cfg: TrainConfig,
+                   static: bool, autocast: bool = False) -> dict:
+    """Eq. 6-9 on normalised x (N, 2, d): batch top-(N·k) of v, sparse decode, aux loss on dead latents."""
+    with torch.no_grad():
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            f = cc.pre_acts(x)
+        w = cc.latent_weights()
+        v = f.float().mul_(w)                                            # v(x_i, j), A.1 (f's buffer reused)
+        del f                                                            # f = v / w where needed: one N×D buffer
+    with serial(x):
+        return _batchtopk_sparse(cc, x, v, w, k, tokens_since_fired, cfg, static)
+
+
+def _batchtopk_sparse(cc, x, v, w, k, tokens_since_fired, cfg, static) -> dict:
+    """Everything after the dense encoder matmul: selection, sparse decode, aux (all O(N·k·d))."""
+    n = x.shape[0]
+    with torch.no_grad():
+        sel = Selection.from_flat(batch_topk_indices(v, n * k), n, cc.cfg.dict_size)  # eq. 6
+    vals = selected_acts(cc, x, v, sel, w=w)                             # f_j^train at BATCHTOPK entries
+    eps = x - (sparse_decode(cc, vals, sel) + cc.b_dec)                 # eq. 7, 8
+    rec = recon_per_token(eps, cfg.recon).mean()
+    with torch.no_grad():
+        active = vals.detach() > 0
+        v_sel = v.reshape(-1)[sel.flat]
+        min_v = torch.where(active, v_sel, torch.inf).min()             # eq. 11 inner min
+        fired = torch.zeros_like(w).index_add_(0, sel.cols, active.to(w.dtype)) > 0
+        tokens_since_fired.copy_(torch.where(fired, 0, tokens_since_fired + n))
+        dead = tokens_since_fired >= cfg.dead_tokens
+    aux = torch.zeros((), device=x.device)
+    if static or bool(dead.any()):
+        asel, mask = aux_selection(v, dead, cfg.k_aux, static)
+        avals = selected_acts(cc, x, v, asel, mask, w=w)
+        eps_hat = sparse_decode(cc, avals, asel)                         # reconstruction from dead latents only
+        aux = 2 * recon_per_token(eps.detach() - eps_hat, cfg.recon).mean()  # A.1: Σ_m ‖ε^m − ε̂^m‖
+        aux = aux * dead.any()                                           # no dead latents: no aux term
+    return dict(loss=rec + cfg.aux_alpha * aux, recon=rec, aux=aux, eps=eps.detach(), min_v=min_v,
+                l0=active.sum().float() / n, fired=fired, dead=dead.float().mean(), k_used=sel.flat.numel() / n)
+
+
+@torch.no_grad()
+def update_threshold(cc: CrossCoder, min_v: Tensor, momentum: float) -> None:
+    """θ ← EMA of the smallest selected v (eq. 11); the first estimate initialises it; no host sync."""
+    th = cc.threshold
+    new = torch.where(th < 0, min_v, momentum * th + (1 - momentum) * min_v)
+    th.copy_(torch.where(torch.isfinite(min_v), new, th))
+
+
+# -- validation -----------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(cc: CrossCoder, cache, batch_size: int = 4096, limit: int | None = None) -> dict:
+    """FVE per model and total (1 − ΣVar(ε)/ΣVar(h), normalised space), L0, dead fraction, recon loss.
+
+    Uses the inference activations (θ for BatchTopK, eq. 10). Var is over tokens, summed over dimensions.
+    """
+    dev = cc.W_enc.device
+    s = {k: torch.zeros(2, cc.cfg.d_model, dtype=torch.float64, device=dev) for k in ("h", "h2", "e", "e2")}
+    fired = torch.zeros(cc.cfg.dict_size, dtype=torch.bool, device=dev)
+    l0 = rec = 0.0
+    n = 0
+    for batch in cache.iter_sequential(batch_size, fields=("acts",), limit=limit, device=dev):
+        x = cc.normalize(batch["acts"].to(dev))
+        f = cc.encode_normalized(x)
+        eps = x - cc.decode_normalized(f)
+        for key, t in (("h", x), ("e", eps)):
+            s[key] += t.sum(0, dtype=torch.float64)
+            s[key + "2"] += t.double().pow(2).sum(0)
+        fired |= (f > 0).any(0)
+        l0 += float((f > 0).sum())
+        rec += float(recon_per_token(eps, "norm").sum())
+        n += x.shape[0]
+    if n == 0:
+        raise ValueError("validation cache is empty")
+    var_h = (s["h2"] / n - (s["h"] / n) ** 2).sum(-1)                  # (2,) Σ_dims Var(h^m)
+    var_e = (s["e2"] / n - (s["e"] / n) ** 2).sum(-1)
+    return {"fve_base": float(1 - var_e[0] / var_h[0]), "fve_chat": float(1 - var_e[1] / var_h[1]),
+            "fve": float(1 - var_e.sum() / var_h.sum()), "l0": l0 / n,
+            "dead": float(1 - fired.float().mean()), "recon": rec / n, "tokens": n}
+
+
+# -- checkpoints (never pickled) ------------------------------------------------------------------
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors = {f"opt.{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items()}
+    return tensors, {"param_groups": sd["param_groups"], "state_keys": {str(i): list(st) for i, st in sd["state"].items()}}
+
+
+def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+    state = {int(i): {k: tensors[f"opt.{i}.{k}"] for k in keys} for i, keys in meta["state_keys"].items()}
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(ckdir: Path, step: int, cc: CrossCoder, opt, extra_tensors: dict, meta: dict) -> None:
+    """checkpoints/step_XXXXXXXX/{model.safetensors, config.json, state.safetensors, state.json}, atomically
+    (written to a temp dir, renamed); older checkpoints are removed after the new one is complete."""
+    ckdir.mkdir(parents=True, exist_ok=True)
+    final = ckdir / f"step_{step:08d}"
+    tmp = ckdir / f".tmp_step_{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    cc.save(tmp)
+    opt_t, opt_meta = _flatten_optimizer(opt)
+    tensors = {**opt_t, **extra_tensors, "rng.torch": torch.get_rng_state()}
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({**meta, "step": step, "optimizer": opt_meta}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in ckdir.glob("step_*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(ckdir: Path | None) -> Path | None:
+    if ckdir is None or not ckdir.exists():
+        return None
+    done = sorted(p for p in ckdir.glob("step_*") if (p / "state.json").exists())
+    return done[-1] if done else None
+
+
+# -- trainer --------------------------------------------------------------------------------------
+def _scale(cache, d_model: int) -> Tensor:
+    """√d / E‖h‖ per model from the cache attrs; estimated from up to 100k rows if a file lacks them."""
+    a = cache.attrs
+    if "norm_base" in a and "norm_chat" in a:
+        return scale_from_norms(d_model, float(a["norm_base"]), float(a["norm_chat"]))
+    log.warning("cache has no norm_base/norm_chat attrs; estimating E‖h‖ from up to 100k rows")
+    tot, n = torch.zeros(2, dtype=torch.float64), 0
+    for b in cache.iter_sequential(8192, fields=("acts",), limit=100_000):
+        tot += b["acts"].double().norm(dim=-1).sum(0)
+        n += b["acts"].shape[0]
+    return scale_from_norms(d_model, float(tot[0] / n), float(tot[1] / n))
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def train(train_path: str | Path, val_path: str | Path | None, out: str | Path, params: dict, seed: int = 0,
+          checkpoints: str | Path | None = None, device: str = "auto", stop_after: int | None = None,
+          progress: bool = True) -> dict:
+    """Train one crosscoder; writes {out}/model.safetensors, config.json, metrics.json, dvclive/.
+
+    Resumes from the newest checkpoint in `checkpoints` (same params required). `stop_after` ends the run
+    early after that many total steps without writing final outputs (used to test resumption).
+    """
+    from crossdiff.cache import ActivationCache
+    from dvclive import Live
+
+    cfg = TrainConfig.from_params(params, seed=params.get("seed", seed))
+    dev = resolve_device(device)
+    autocast = cfg.dtype == "bfloat16"
+    if autocast and dev.type != "cuda":
+        log.warning("dtype bfloat16 autocast is for GPUs; training in float32 on %s", dev)
+        autocast = False
+    out, ckdir = Path(out), Path(checkpoints) if checkpoints else None
+    cache = ActivationCache(train_path)
+    val_cache = ActivationCache(val_path) if val_path else None
+    d = cache.d_model
+    D = cfg.dict_size or cfg.expansion * d
+    spe = cache.n // cfg.batch_size
+    if spe == 0:
+        raise ValueError(f"{train_path}: {cache.n} rows is fewer than one batch of {cfg.batch_size}")
+    total = cfg.max_steps or max(1, int(cfg.epochs * spe))
+    if cfg.type == "batchtopk" and cfg.k > D:
+        raise ValueError(f"k={cfg.k} exceeds the dictionary size {D}")
+
+    torch.manual_seed(cfg.seed)
+    cc = CrossCoder(CrossCoderConfig(d, D, cfg.type, k=cfg.k, init_norm=cfg.init_norm,
+                                     extra={"train": dataclasses.asdict(cfg), "cache": _plain(cache.attrs)}),
+                    scale=_scale(cache, d)).to(dev)
+    opt = torch.optim.Adam(cc.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    tsf = torch.zeros(D, dtype=torch.long, device=dev)                  # tokens since each latent fired
+    static = dev.type != "cpu"
+    history: list[dict] = []
+    step = 0
+    ck = latest_checkpoint(ckdir)
+    if ck is not None:
+        meta = json.loads((ck / "state.json").read_text())
+        if meta["config"] != dataclasses.asdict(cfg):
+            raise ValueError(f"checkpoint {ck} was made with different params; delete it to start over")
+        cc.load_state_dict(CrossCoder.load(ck).state_dict())
+        st = load_file(str(ck / "state.safetensors"))
+        opt.load_state_dict(_unflatten_optimizer({k: v.to(dev) if k.endswith(("exp_avg", "exp_avg_sq")) else v
+                                                  for k, v in st.items()}, meta["optimizer"]))
+        tsf.copy_(st["tokens_since_fired"])
+        torch.set_rng_state(st["rng.torch"])
+        step, history = meta["step"], meta["history"]
+        log.info("resumed from %s at step %d", ck, step)
+
+    live = Live(dir=str(out / "dvclive"), resume=step > 0, save_dvc_exp=False, dvcyaml=None)
+    win = _Window(dev)
+    bar = tqdm(total=total * cfg.batch_size, initial=step * cfg.batch_size, unit="tok", unit_scale=True,
+               desc=f"train {cfg.type}", disable=not progress, mininterval=1.0)
+    val_metrics, start = None, step
+    t0 = time.perf_counter()
+    while step < total:
+        epoch, skip = divmod(step, spe)
+        for h in cache.iter_shuffled(cfg.batch_size, seed=cfg.seed, epoch=epoch, skip_batches=skip, device=dev):
+            if h.shape[0] != cfg.batch_size:
+                break
+            x = cc.normalize(h.to(dev, torch.float32))
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * lr_factor(step, total, cfg.lr_warmup, cfg.lr_decay)
+            if cfg.type == "l1":
+                r = l1_loss(cc, x, mu_at(step, total, cfg), cfg.recon, autocast)
+            else:
+                r = batchtopk_loss(cc, x, k_at(step, total, cfg, D), tsf, cfg, static, autocast)
+            opt.zero_grad(set_to_none=True)
+            r["loss"].backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(cc.parameters(), cfg.grad_clip)
+            opt.step()
+            if cfg.type == "batchtopk" and step >= cfg.theta_start * total:
+                update_threshold(cc, r["min_v"], cfg.theta_momentum)
+            win.add(r, x)
+            step += 1
+            bar.update(cfg.batch_size)
+            if dev.type == "cpu" or step % cfg.log_every == 0:
+                if not torch.isfinite(r["loss"]):
+                    raise NonFiniteLoss(f"loss is {float(r['loss'])} at step {step - 1} ({cfg.type}); "
+                                        "lower lr, check the activations for inf/NaN")
+            if step % cfg.log_every == 0 or step == total:
+                bar.set_postfix(loss=f"{float(r['loss'].detach()):.4g}", l0=f"{float(r['l0']):.1f}")
+            if step % cfg.val_every == 0 or step == total:
+                tm = win.flush()
+                val_metrics = evaluate(cc, val_cache) if val_cache is not None and (cc.kind == "l1" or cc.threshold >= 0) else None
+                row = {"step": step, "train": tm, "val": val_metrics}
+                history.append(row)
+                live.step = step
+                for split in ("train", "val"):
+                    for k_, v_ in (row[split] or {}).items():
+                        if k_ != "tokens":
+                            live.log_metric(f"{split}/{k_}", v_)
+                live.make_summary()
+            if ckdir is not None and (step % cfg.checkpoint_every == 0) and step < total:
+                save_checkpoint(ckdir, step, cc, opt, {"tokens_since_fired": tsf},
+                                {"config": dataclasses.asdict(cfg), "history": history})
+            if step >= total or step - epoch * spe >= spe or (stop_after is not None and step >= stop_after):
+                break
+        if stop_after is not None and step >= stop_after:
+            bar.close()
+            live.end()
+            return {"stopped_at": step}
+    bar.close()
+    live.end()
+    elapsed = time.perf_counter() - t0
+    cc.save(out)
+    last = history[-1] if history else {}
+    metrics = {"train": last.get("train"), "val": last.get("val"), "steps": total, "tokens": total * cfg.batch_size,
+               "dict_size": D, "kind": cfg.type, "k": cfg.k, "threshold": float(cc.threshold),
+               "tokens_per_s": (step - start) * cfg.batch_size / max(elapsed, 1e-9)}
+    write_json(out / "metrics.json", metrics)
+    if ckdir is not None:
+        shutil.rmtree(ckdir, ignore_errors=True)
+    return metrics
+
+
+class _Window:
+    """Running sums of the training metrics between validations, kept on device (no per-step sync)."""
+
+    def __init__(self, dev):
+        self.dev = dev
+        self.reset()
+
+    def reset(self):
+        self.n = 0
+        self.sums: dict[str, Tensor] = {}
+        self.err = torch.zeros(2, dtype=torch.float64, device=self.dev)
+        self.var = torch.zeros(2, dtype=torch.float64, device=self.dev)
+
+    @torch.no_grad()
+    def add(self, r: dict, x: Tensor):
+        for k in ("loss", "recon", "sparsity", "aux", "l0", "dead", "k_used"):
+            if k in r:
+                self.sums[k] = self.sums.get(k, 0) + torch.as_tensor(r[k], device=self.dev).detach().double()
+        self.err += r["eps"].double().pow(2).sum((0, 2))
+        self.var += (x - x.mean(0)).double().pow(2).sum((0, 2))
+        self.n += 1
+
+    def flush(self) -> dict:
+        m = {k: float(v) / self.n for k, v in self.sums.items()}
+        m.update(fve_base=float(1 - self.err[0] / self.var[0]), fve_chat=float(1 - self.err[1] / self.var[1]),
+                 fve=float(1 - self.err.sum() / self.var.sum()))
+        self.reset()
+        return m
+
+
+def _plain(attrs: dict) -> dict:
+    """Cache attrs as JSON-able values (HDF5 gives numpy scalars/bytes)."""
+    out = {}
+    for k, v in attrs.items():
+        if isinstance(v, bytes):
+            v = v.decode()
+        elif isinstance(v, np.generic):
+            v = v.item()
+        elif isinstance(v, np.ndarray):
+            v = v.tolist()
+        out[k] = v
+    return out

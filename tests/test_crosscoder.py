@@ -1,0 +1,190 @@
+"""CrossCoder module and losses against brute-force dense references (paper eq. 1-3, 6-11)."""
+
+import math
+
+import pytest
+import torch
+
+from crossdiff.crosscoder import (CrossCoder, CrossCoderConfig, Selection, batch_topk_indices, scale_from_norms,
+                                  selected_acts, sparse_decode)
+from crossdiff.train import TrainConfig, aux_selection, batchtopk_loss, l1_loss, update_threshold
+
+D_MODEL, DICT, N = 6, 40, 12
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
+
+
+def make(kind="batchtopk", k=3, seed=0):
+    torch.manual_seed(seed)
+    cc = CrossCoder(CrossCoderConfig(D_MODEL, DICT, kind, k=k if kind == "batchtopk" else None),
+                    scale=torch.tensor([0.5, 2.0]))
+    with torch.no_grad():  # break the symmetric init so base/chat paths differ
+        cc.b_enc.normal_(0, 0.1)
+        cc.W_dec.mul_(torch.rand(2, DICT, 1) + 0.2)
+        cc.W_enc.add_(0.05 * torch.randn_like(cc.W_enc))
+        cc.b_dec.normal_()
+    return cc
+
+
+def grads(cc):
+    return [None if p.grad is None else p.grad.clone() for p in (cc.W_enc, cc.b_enc, cc.W_dec, cc.b_dec)]
+
+
+def ref_f(cc, x):
+    """Eq. 1 written out per model, no fusion."""
+    return torch.relu(x[:, 0] @ cc.W_enc[0] + x[:, 1] @ cc.W_enc[1] + cc.b_enc)
+
+
+def ref_decode(cc, f):
+    return torch.stack([f @ cc.W_dec[0] + cc.b_dec[0], f @ cc.W_dec[1] + cc.b_dec[1]], 1)  # eq. 2
+
+
+def test_init_a12_and_normalisation_roundtrip(tmp_path):
+    cc = CrossCoder(CrossCoderConfig(D_MODEL, DICT, "l1"), scale=scale_from_norms(D_MODEL, 3.0, 7.0))
+    assert torch.equal(cc.W_enc[0], cc.W_enc[1]) and torch.equal(cc.W_dec[0], cc.W_dec[1])
+    assert torch.equal(cc.W_dec[0], cc.W_enc[0].T)
+    assert torch.allclose(cc.W_enc[0].norm(dim=0), torch.full((DICT,), 0.1))
+    assert torch.allclose(cc.scale, torch.tensor([math.sqrt(D_MODEL) / 3, math.sqrt(D_MODEL) / 7]))
+    h = torch.randn(5, 2, D_MODEL) * 4
+    f = cc.encode(h)
+    # decode undoes the normalisation: raw-unit reconstruction == normalised reconstruction / scale
+    assert torch.allclose(cc.decode(f), ref_decode(cc, f) / cc.scale[:, None])
+    assert torch.allclose(cc.decoder_raw()[1], cc.W_dec[1] / cc.scale[1])
+    cc.save(tmp_path)
+    back = CrossCoder.load(tmp_path)
+    assert torch.equal(back.encode(h), f) and back.cfg == cc.cfg
+    with pytest.raises(ValueError, match=r"\(N, 2, 6\)"):
+        cc.encode(torch.randn(5, D_MODEL))
+
+
+def test_l1_loss_matches_eq3_and_grads():
+    cc = make("l1")
+    x = torch.randn(N, 2, D_MODEL)
+    mu = 0.3
+    for recon in ("norm", "squared"):
+        cc.zero_grad()
+        r = l1_loss(cc, x, mu, recon)
+        r["loss"].backward()
+        g = grads(cc)
+        cc.zero_grad()
+        f = ref_f(cc, x)
+        e = x - ref_decode(cc, f)
+        nrm = e.norm(dim=-1) if recon == "norm" else e.norm(dim=-1) ** 2
+        wsum = cc.W_dec[0].norm(dim=1) + cc.W_dec[1].norm(dim=1)
+        ref = (0.5 * (nrm[:, 0] + nrm[:, 1]) + mu * (f * wsum).sum(1)).mean()  # eq. 3
+        ref.backward()
+        assert torch.allclose(r["loss"], ref, atol=1e-5)
+        for a, b in zip(g, grads(cc)):
+            assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_batch_topk_indices_exact():
+    torch.manual_seed(1)
+    for n, d, k in ((64, 512, 5), (7, 33, 2), (300, 1000, 40)):
+        v = torch.relu(torch.randn(n, d))
+        got = batch_topk_indices(v, n * k)
+        assert got.numel() == n * k and torch.equal(got, got.sort().values)
+        assert torch.equal(got, v.flatten().topk(n * k).indices.sort().values)
+    v = torch.zeros(4, 10)  # fewer positives than n*k: still exactly n*k entries
+    assert batch_topk_indices(v, 8).numel() == 8
+
+
+def brute_batchtopk(cc, x, k, dead, k_aux, alpha, recon="norm"):
+    """Eq. 6-9 with dense f^train and a dense aux reconstruction."""
+    n = x.shape[0]
+    f = ref_f(cc, x)
+    wsum = cc.W_dec[0].norm(dim=1) + cc.W_dec[1].norm(dim=1)
+    v = f * wsum.detach()
+    keep = torch.zeros(n * DICT)
+    keep[v.flatten().topk(n * k).indices] = 1
+    ftrain = f * keep.view(n, DICT)                                                  # eq. 6
+    e = x - ref_decode(cc, ftrain)                                                   # eq. 7, 8
+
+    def rec(t):
+        nn = t.norm(dim=-1)
+        return nn if recon == "norm" else nn ** 2
+    loss = 0.5 * rec(e).sum(1).mean()
+    n_dead = int(dead.sum())
+    if n_dead:
+        kk = min(k_aux, n_dead)
+        vd = torch.where(dead, v, -torch.inf)
+        idx = vd.topk(kk, dim=1).indices
+        m = torch.zeros(n, DICT).scatter(1, idx, 1.0)
+        fa = f * m
+        ehat = torch.stack([fa @ cc.W_dec[0], fa @ cc.W_dec[1]], 1)
+        loss = loss + alpha * rec(e.detach() - ehat).sum(1).mean()                  # eq. 9 aux
+    vmin = v.flatten()[(ftrain > 0).flatten()].min()
+    return loss, vmin
+
+
+@pytest.mark.parametrize("n_dead,k_aux", [(0, 4), (10, 4), (10, 10), (10, 25), (DICT, 8)])
+@pytest.mark.parametrize("static", [False, True])
+def test_batchtopk_loss_matches_brute_force(n_dead, k_aux, static):
+    cc = make("batchtopk", k=3)
+    x = torch.randn(N, 2, D_MODEL)
+    tsf = torch.zeros(DICT, dtype=torch.long)
+    dead_ids = torch.randperm(DICT, generator=torch.Generator().manual_seed(n_dead))[:n_dead]
+    tsf[dead_ids] = 10**9                               # dead before this step; stays dead unless fired
+    cfg = TrainConfig(type="batchtopk", k=3, k_aux=k_aux, aux_alpha=0.25, dead_tokens=10**8)
+    r = batchtopk_loss(cc, x, 3, tsf, cfg, static=static)
+    r["loss"].backward()
+    g = grads(cc)
+    assert r["k_used"] == 3 and float(r["l0"]) == 3     # the k used is the k configured
+    cc.zero_grad()
+    dead = tsf >= cfg.dead_tokens                       # the dead set the step used (after its own firing)
+    ref, vmin = brute_batchtopk(cc, x, 3, dead, k_aux, 0.25)
+    ref.backward()
+    assert torch.allclose(r["loss"], ref, atol=1e-5)
+    assert torch.allclose(r["min_v"], vmin)
+    for a, b in zip(g, grads(cc)):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    if n_dead == 0:
+        assert float(r["aux"].detach()) == 0
+
+
+def test_sparse_decode_grads_equal_dense():
+    cc = make()
+    x = torch.randn(N, 2, D_MODEL)
+    with torch.no_grad():
+        f = cc.pre_acts(x)
+    flat = batch_topk_indices(f * cc.latent_weights(), N * 4)
+    sel = Selection.from_flat(flat, N, DICT)
+    y = torch.randn(N, 2, D_MODEL)
+    (sparse_decode(cc, selected_acts(cc, x, f, sel), sel) * y).sum().backward()
+    g = grads(cc)[:3]
+    cc.zero_grad()
+    mask = torch.zeros(N * DICT)
+    mask[flat] = 1
+    fd = ref_f(cc, x) * mask.view(N, DICT)
+    (torch.stack([fd @ cc.W_dec[0], fd @ cc.W_dec[1]], 1) * y).sum().backward()
+    for a, b in zip(g, grads(cc)[:3]):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_aux_selection_static_equals_dynamic():
+    torch.manual_seed(3)
+    v = torch.relu(torch.randn(N, DICT))
+    dead = torch.rand(DICT) < 0.3
+    for k_aux in (1, int(dead.sum()), 100):
+        s1, _ = aux_selection(v, dead, k_aux, static=False)
+        s2, m2 = aux_selection(v, dead, k_aux, static=True)
+        assert torch.equal(s1.flat, s2.flat[m2 > 0])
+
+
+def test_threshold_ema_and_inference_encode():
+    cc = make("batchtopk", k=3)
+    update_threshold(cc, torch.tensor(2.0), 0.9)
+    assert float(cc.threshold) == 2.0                   # first estimate initialises θ
+    update_threshold(cc, torch.tensor(1.0), 0.9)
+    assert math.isclose(float(cc.threshold), 0.9 * 2.0 + 0.1 * 1.0, rel_tol=1e-6)  # eq. 11 EMA
+    update_threshold(cc, torch.tensor(float("inf")), 0.9)  # nothing selected: θ unchanged
+    assert math.isclose(float(cc.threshold), 1.9, rel_tol=1e-6)
+    h = torch.randn(50, 2, D_MODEL) * 3
+    f = cc.pre_acts(cc.normalize(h))                    # eq. 1 itself is checked against ref_f above
+    v = f * (cc.W_dec[0].norm(dim=1) + cc.W_dec[1].norm(dim=1))
+    cc.threshold.fill_(float(v[v > 0].median()))
+    got = cc.encode(h)
+    assert torch.equal(got, f * (v > cc.threshold))     # eq. 10
+    assert 0 < int((got > 0).sum()) < int((f > 0).sum())
+    fresh = make("batchtopk")
+    with pytest.raises(RuntimeError, match="threshold"):
+        fresh.encode(h)

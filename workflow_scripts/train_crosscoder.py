@@ -1,0 +1,25 @@
+"""Train one crosscoder (an entry of params.yaml `crosscoders:`) on an activation cache; writes --out/
+{model.safetensors, config.json, metrics.json, dvclive/}. Resumes from --checkpoints when a run was killed."""
+
+from crossdiff import cli
+from crossdiff.train import train
+
+
+def main(argv=None) -> None:
+    p = cli.parser(__doc__)
+    p.add_argument("--variant", required=True, help="name of the entry in params `crosscoders:`")
+    p.add_argument("--train", required=True, help="train activation cache (.h5, public format)")
+    p.add_argument("--val", help="validation activation cache (.h5)")
+    p.add_argument("--out", required=True, help="output dir of this crosscoder")
+    p.add_argument("--checkpoints", help="dir for resumable checkpoints (removed after a complete run)")
+    p.add_argument("--device", default=None, help="overrides params `device` (auto | cpu | cuda[:N])")
+    args, params = cli.parse(p, argv)
+    entries = params.get("crosscoders", {})
+    if args.variant not in entries:
+        raise SystemExit(f"variant {args.variant!r} not in params crosscoders: {sorted(entries)}")
+    train(args.train, args.val, args.out, entries[args.variant], seed=params.get("seed", 0),
+          checkpoints=args.checkpoints, device=args.device or params.get("device", "auto"))
+
+
+if __name__ == "__main__":
+    main()
