@@ -1,0 +1,178 @@
+"""Synthetic outputs of a whole run in the documented formats (DESIGN §2–3), for the report tests.
+
+Numbers are random but internally consistent (Δnorm from the norms by eq. 4, classes from the bands,
+ν from the β's), so tests can recompute what the report shows by brute force.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from crossdiff.io import write_json, write_parquet
+
+BANDS = {"base_only": [0.0, 0.1], "shared": [0.4, 0.6], "chat_only": [0.9, 1.0]}
+PARAMS = {
+    "pair": "toy", "layer": 1, "seed": 0,
+    "crosscoders": {"l1": {"type": "l1", "mu": 0.041, "lr": 1e-4, "epochs": 1},
+                    "batchtopk": {"type": "batchtopk", "k": 8, "lr": 1e-4, "epochs": 1}},
+    "analysis": {"classes": BANDS},
+    "causal": {"first_tokens": [2, 10]},
+    "report": {"max_latents": 50, "examples_per_latent": 10},
+}
+WINDOW = ["<start_of_turn>", "user", "\n", "The", " E", "iffel", " Tower", " is", " in", " Texas",
+          "<end_of_turn>", "\n", "<start_of_turn>", "model", "\n", "</script>"]
+NASTY = "fires on <b>false</b> facts & corrections </script>"  # must come out escaped
+
+
+def klass_of(dn: float) -> str:
+    """Δnorm classes (DESIGN §4): base-only [0, 0.1), shared [0.4, 0.6], chat-only (0.9, 1]."""
+    if dn < 0.1:
+        return "base_only"
+    if 0.4 <= dn <= 0.6:
+        return "shared"
+    if dn > 0.9:
+        return "chat_only"
+    return "other"
+
+
+def latents_frame(d: int, rng: np.random.Generator) -> pl.DataFrame:
+    norm_chat = rng.uniform(0.2, 1.0, d)
+    ratio = rng.choice([0.02, 1.0, 0.5, 5.0, 50.0], size=d, p=[0.2, 0.5, 0.15, 0.05, 0.1])  # base / chat
+    norm_base = norm_chat * ratio * rng.uniform(0.9, 1.1, d)
+    delta = 0.5 * ((norm_chat - norm_base) / np.maximum(norm_chat, norm_base) + 1)  # eq. 4
+    klass = [klass_of(x) for x in delta]
+    chat = np.flatnonzero(np.array(klass) == "chat_only")
+    dead = np.zeros(d, bool)  # 2 dead chat-only latents (null ν must sort last) and 2 others
+    dead[rng.choice(chat, min(2, len(chat)), replace=False)] = True
+    dead[rng.choice(np.flatnonzero(~dead & (np.array(klass) != "chat_only")), 2, replace=False)] = True
+    be_chat, br_chat = rng.uniform(0.5, 1.5, d), rng.uniform(0.5, 1.5, d)
+    be_base, br_base = be_chat * rng.uniform(-0.1, 0.9, d), br_chat * rng.uniform(0.0, 1.0, d)
+    nu_eps, nu_r = be_base / be_chat, br_base / br_chat
+    df = pl.DataFrame({
+        "latent": np.arange(d, dtype=np.int64), "norm_base": norm_base, "norm_chat": norm_chat, "delta_norm": delta,
+        "klass": klass, "cos_sim": rng.uniform(-0.2, 1.0, d), "freq": np.where(dead, 0.0, rng.uniform(1e-4, 0.2, d)),
+        "dead": dead, "f_template": rng.uniform(0, 1, d),
+        "beta_err_base": be_base, "beta_err_chat": be_chat, "beta_rec_base": br_base, "beta_rec_chat": br_chat,
+        "nu_eps": nu_eps, "nu_r": nu_r, "max_act": rng.uniform(1, 30, d),
+    }).with_columns(  # dead latents: no Latent Scaling (null, not NaN)
+        [pl.when(pl.col("dead")).then(None).otherwise(pl.col(c)).alias(c)
+         for c in ("beta_err_base", "beta_err_chat", "beta_rec_base", "beta_rec_chat", "nu_eps", "nu_r", "f_template")])
+    chat = pl.col("klass") == "chat_only"
+    live_chat = chat & pl.col("nu_eps").is_not_null()
+    r = lambda c: pl.when(live_chat).then(pl.col(c)).otherwise(None).rank("ordinal")  # noqa: E731
+    return df.with_columns(rank_nu=(r("nu_eps") + r("nu_r")).cast(pl.Int64))
+
+
+def examples_frame(latents: pl.DataFrame, chosen: list[int], rng: np.random.Generator) -> pl.DataFrame:
+    """autointerp examples.parquet: per latent, 3 terciles (0 = strongest) x explain/score windows,
+    plus MiniLM-similar and random non-activating windows."""
+    rows = []
+    for latent in chosen:
+        row = latents.filter(pl.col("latent") == latent).row(0, named=True)
+        for tercile in (0, 1, 2):
+            for split in ("explain", "score"):
+                for _ in range(3):
+                    acts = np.zeros(len(WINDOW), np.float32)
+                    peak = rng.integers(5, 12)
+                    acts[peak] = row["max_act"] * (3 - tercile) / 3 * rng.uniform(0.7, 1.0)
+                    acts[peak + 1] = acts[peak] * 0.4
+                    rows.append((latent, row["klass"], tercile, split, acts))
+        for split in ("negative_similar", "negative_random"):
+            for _ in range(3):
+                rows.append((latent, row["klass"], None, split, np.zeros(len(WINDOW), np.float32)))
+    n = len(rows)
+    return pl.DataFrame({
+        "latent": [r[0] for r in rows], "klass": [r[1] for r in rows], "split": [r[3] for r in rows],
+        "tercile": [r[2] for r in rows], "window": list(range(n)), "seq": list(range(n)), "pos": [0] * n,
+        "max_act": [float(r[4].max()) for r in rows], "token_ids": [list(range(len(WINDOW)))] * n,
+        "acts": [r[4].tolist() for r in rows], "tokens": [WINDOW] * n, "text": ["".join(WINDOW)] * n,
+    }, schema_overrides={"tercile": pl.Int8, "max_act": pl.Float32, "token_ids": pl.List(pl.Int32),
+                         "acts": pl.List(pl.Float32)})
+
+
+def figure(path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(3, 2), dpi=60)
+    ax.plot([0, 1, 2], [0, 1, 0.5])
+    ax.set_title(title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+KL_CONDITIONS = ["none", "all", "template", "delta_norm_best", "delta_norm_worst", "nu_best", "nu_worst"]
+
+
+def build_run(root: Path, pair: str = "toy", layer: int = 1, variants=("l1", "batchtopk"), d: int = 96,
+              skip: frozenset = frozenset(), seed: int = 0) -> dict:
+    """Write every stage's outputs under root/results; `skip` names pieces to leave out
+    (models, comparison, validate, or "{variant}:{training|latents|causal|autointerp}")."""
+    rng = np.random.default_rng(seed)
+    truth: dict = {"latents": {}, "training": {}, "chosen": {}}
+    if "models" not in skip:
+        write_json(root / f"results/models/{pair}/metrics.json", {
+            "loss": {"web_heldout": {"base": 3.1, "chat": 3.3}, "chat_heldout_responses": {"base": 4.2, "chat": 1.1}},
+            "behaviours": {"refusal": {"n": 20, "base": 0.05, "chat": 0.95}, "false_fact": {"n": 20, "base": 0.0, "chat": 0.8,
+                           "base_answer": 0.1, "chat_answer": 0.7, "n_answer": 20}},
+            "n_params": 123456})
+    for v in variants:
+        cc = root / f"results/crosscoders/{pair}/L{layer}/{v}"
+        an = root / f"results/analysis/{pair}/L{layer}/{v}"
+        ca = root / f"results/causal/{pair}/L{layer}/{v}"
+        ai = root / f"results/autointerp/{pair}/L{layer}/{v}"
+        if f"{v}:training" not in skip:
+            tr = {s: {"fve_base": float(rng.uniform(0.7, 0.9)), "fve_chat": float(rng.uniform(0.7, 0.9)),
+                      "fve": float(rng.uniform(0.7, 0.9)), "l0": float(rng.uniform(5, 50)),
+                      "dead": float(rng.uniform(0, 0.1))} for s in ("train", "val")}
+            truth["training"][v] = tr
+            write_json(cc / "metrics.json", {**tr, "steps": 100})
+            write_json(cc / "config.json", {"d_model": 16, "dict_size": d, "kind": PARAMS["crosscoders"][v]["type"]})
+        if f"{v}:latents" in skip:
+            continue
+        lat = latents_frame(d, rng)
+        truth["latents"][v] = lat
+        write_parquet(an / "latents.parquet", lat)
+        write_json(an / "metrics.json", {"counts": {k: int((lat["klass"] == k).sum()) for k in BANDS},
+                                         "nu_r_in_shared_95": 0.18, "nu_below": {"0.1": 3, "0.5": 7}})
+        figure(an / "figures" / "nu_scatter.png", f"{v}: nu scatter")
+        figure(an / "figures" / "delta_norm_hist.png", f"{v}: delta norm")
+        if f"{v}:causal" not in skip:
+            rows = [{"variant": v, "source": src, "mask": m, "condition": c, "n_tokens": 500, "n_convs": 16,
+                     "mean": float(mu), "ci_low": float(mu * 0.9), "ci_high": float(mu * 1.1), "n_latents": 7}
+                    for src in ("all", "generated", "heldout") for m in ("full", "first")
+                    for c, mu in zip(KL_CONDITIONS, rng.uniform(0.05, 1.0, 7))]
+            write_parquet(ca / "kl.parquet", pl.DataFrame(rows))
+            write_json(ca / "metrics.json", {"best_lt_worst_delta_norm": True})
+            figure(ca / "figures" / "kl_bars.png", f"{v}: KL")
+        if f"{v}:autointerp" not in skip:
+            live_chat = lat.filter((pl.col("klass") == "chat_only") & ~pl.col("dead")).sort("rank_nu")["latent"].head(3)
+            shared = lat.filter((pl.col("klass") == "shared") & ~pl.col("dead"))["latent"].head(2)
+            chosen = live_chat.to_list() + shared.to_list()
+            truth["chosen"][v] = chosen
+            write_parquet(ai / "examples.parquet", examples_frame(lat, chosen, rng))
+            klass = dict(zip(lat["latent"].to_list(), lat["klass"].to_list()))
+            (ai / "explanations.jsonl").write_text("".join(json.dumps(
+                {"latent": j, "klass": klass[j], "prompt_hash": "0" * 16, "explanation": f"latent {j} {NASTY}",
+                 "parsed": True, "response": f"Explanation: latent {j}", "model": "toy"}) + "\n" for j in chosen))
+            write_parquet(ai / "scores.parquet", pl.DataFrame({
+                "latent": chosen, "klass": [klass[j] for j in chosen],
+                "ba_similar": rng.uniform(0.5, 1, len(chosen)), "ba_random": rng.uniform(0.6, 1, len(chosen)),
+                **{f"recall_t{t}": rng.uniform(0, 1, len(chosen)) for t in range(3)},
+                "n_pos": [9] * len(chosen), "n_neg_similar": [9] * len(chosen), "n_neg_random": [9] * len(chosen),
+                "n_unparsed": [0] * len(chosen)}))
+            write_json(ai / "metrics.json", {"chat_only": {"similar": 0.7, "random": 0.9}, "shared": {"similar": 0.6}})
+    if "comparison" not in skip:
+        comp = root / f"results/analysis/{pair}/L{layer}/comparison"
+        write_json(comp / "metrics.json", {"n_chat_only": {v: 1 for v in variants}})
+        figure(comp / "figures" / "nu_threshold_curve.png", "Fig. 8")
+    if "validate" not in skip:
+        write_json(root / "results/validate/metrics.json", {"batchtopk": {"recall": 0.9}, "l1": {"recall": 0.7}})
+    return truth
