@@ -10,6 +10,7 @@ rule render_report:
         causal=expand(f"{CAUSAL}/{{variant}}/kl.parquet", variant=VARIANTS),
         examples=expand(f"{AUTOINTERP}/{{variant}}/examples.parquet", variant=VARIANTS),
         scores=expand(f"{AUTOINTERP}/{{variant}}/scores.parquet", variant=VARIANTS),
+        validate="results/validate/metrics.json",
     output:
         index=f"{REPORT}/index.html",
         latents=directory(f"{REPORT}/latents"),
