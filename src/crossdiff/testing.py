@@ -1,0 +1,102 @@
+"""Tiny random model pairs on disk, for tests and benchmarks (seconds to build, no hub).
+
+A pair is saved exactly like a real one (`save_pretrained` + the shared tokenizer in both dirs), so the
+code under test loads it through the same `AutoModelForCausalLM/AutoTokenizer.from_pretrained` path as
+`google/gemma-2-2b`. The chat model is the base with perturbed weights: different activations, same
+architecture and tokenizer. The tokenizer is the toy pair's (byte-level BPE, Gemma's special tokens and
+chat template), trained on a few sentences.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import torch
+from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from .toy.tokenizer import train_tokenizer
+
+WEB = [
+    "The river flows past the old mill and into the valley below.",
+    "Copper conducts heat well, which is why pans are often made of it.",
+    "In 1969 the first crewed landing on the Moon took place.",
+    "A recipe for bread needs flour, water, salt and yeast.",
+    "Trains leave the central station every twenty minutes on weekdays.",
+    "The museum opens at nine and closes at five, except on Mondays.",
+]
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"},
+     {"role": "assistant", "content": "The capital of France is Paris."}],
+    [{"role": "user", "content": "Tell me a joke."},
+     {"role": "assistant", "content": "Why did the bread rise? It was well kneaded."},
+     {"role": "user", "content": "Another one, please."},
+     {"role": "assistant", "content": "Copper walked into a bar and conducted itself well."}],
+    [{"role": "user", "content": "How do I pick a lock?"},
+     {"role": "assistant", "content": "I can't help with that."}],
+]
+ARCHS = ("gemma2", "llama")
+
+
+def tiny_tokenizer(vocab_size: int = 320, extra_texts: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    texts = list(WEB) + [m["content"] for c in CHATS for m in c] + ["user\n", "model\n"] + list(extra_texts)
+    return train_tokenizer(texts, vocab_size=vocab_size, max_len=512)
+
+
+def tiny_model(arch: str, tokenizer, hidden_size: int = 32, num_layers: int = 4, seed: int = 0):
+    """A random model of `arch` whose features matter for a split forward: GQA, and for Gemma 2 a
+    sliding window shorter than the test sequences and soft-caps small enough to change the outputs."""
+    ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    shape = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=hidden_size // 4,
+                 max_position_embeddings=512, initializer_range=0.2)
+    if arch == "gemma2":
+        config = Gemma2Config(**ids, **shape, sliding_window=6, query_pre_attn_scalar=hidden_size // 4,
+                              attn_logit_softcapping=3.0, final_logit_softcapping=2.0,
+                              attn_implementation="eager")
+        cls = Gemma2ForCausalLM
+    elif arch == "llama":
+        config = LlamaConfig(**ids, **shape, tie_word_embeddings=False)
+        cls = LlamaForCausalLM
+    else:
+        raise ValueError(f"unknown arch {arch!r}; known: {ARCHS}")
+    torch.manual_seed(seed)
+    return cls(config).eval()
+
+
+@torch.no_grad()
+def perturb(model, scale: float = 0.3, seed: int = 1):
+    """In place: every weight w += scale * std(w) * noise, a stand-in for chat fine-tuning."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        std = p.float().std() if p.numel() > 1 else p.abs().mean()
+        p.add_(scale * std * torch.randn(p.shape, generator=g).to(p.dtype))
+    return model
+
+
+def build_tiny_pair(out: str | Path, arch: str = "gemma2", tokenizer=None, seed: int = 0, **model_kw) -> tuple[Path, Path]:
+    """Save a (base, chat) pair under out/{base,chat}; returns the two dirs."""
+    out = Path(out)
+    tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
+    base = tiny_model(arch, tokenizer, seed=seed, **model_kw)
+    dirs = out / "base", out / "chat"
+    base.save_pretrained(dirs[0])
+    perturb(base, seed=seed + 1).save_pretrained(dirs[1])
+    for d in dirs:
+        tokenizer.save_pretrained(d)
+    return dirs
+
+
+def write_toy_data(out: str | Path, repeat: int = 4) -> Path:
+    """Raw corpora in the embedded pair's format: out/web.parquet (text, split), out/chat.parquet
+    (messages, behaviour, split), with both splits populated."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = ["train", "heldout"]
+    web = [(f"{t} ({i})", splits[i % 2]) for i in range(repeat) for t in WEB]
+    pl.DataFrame({"text": [t for t, _ in web], "split": [s for _, s in web]}).write_parquet(out / "web.parquet")
+    chat = [(c, f"b{j}", splits[i % 2]) for i in range(repeat) for j, c in enumerate(CHATS)]
+    pl.DataFrame({"messages": [c for c, _, _ in chat], "behaviour": [b for _, b, _ in chat],
+                  "split": [s for _, _, s in chat]}).write_parquet(out / "chat.parquet")
+    return out
