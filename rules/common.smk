@@ -36,19 +36,21 @@ MODEL_INPUTS = [f"{MODELS}/base", f"{MODELS}/chat", f"{MODELS}/data"] if TOY els
 # rule -> params keys it reads ("{variant}" filled per job) and library modules it runs.
 STAGES = {
     "build_toy_pair": dict(params=["toy"], code=["toy", "models.py"]),
-    "build_corpus": dict(params=["models", "corpus", "seed", "toy.seed"] if TOY else ["models", "corpus", "seed"], code=["data.py", "toy"]),
-    "cache_activations": dict(params=["models", "layer", "activations"], code=["models.py", "cache.py", "data.py"]),
+    "build_corpus": dict(params=["models", "corpus", "seed", "toy.seed"] if TOY else ["models", "corpus", "seed"], code=["data.py", "models.py", "toy"]),
+    "cache_activations": dict(params=["models", "layer", "activations", "device"], code=["models.py", "cache.py"]),
     "merge_activations": dict(params=[], code=["cache.py"]),
-    "train_crosscoder": dict(params=["crosscoders.{variant}", "seed"], code=["crosscoder.py", "train.py", "cache.py"]),
+    "train_crosscoder": dict(params=["crosscoders.{variant}", "seed", "device"], code=["crosscoder.py", "train.py", "cache.py"]),
     "analyse_latents": dict(params=["analysis"], code=["latents.py", "scaling.py", "crosscoder.py", "cache.py", "report/figures.py"]),
     "compare_variants": dict(params=["analysis"], code=["latents.py", "report/figures.py"]),
     "generate_eval_set": dict(params=["models", "causal"], code=["causal.py", "models.py", "data.py"]),
     "causal_kl": dict(params=["models", "layer", "causal"], code=["causal.py", "models.py", "crosscoder.py"]),
     "collect_examples": dict(params=["autointerp"], code=["autointerp", "crosscoder.py", "cache.py"]),
     "explain_and_score": dict(params=["autointerp", "models"], code=["autointerp"]),
-    "validate_synthetic": dict(params=["validate", "crosscoders", "analysis"], code=["synthetic.py", "crosscoder.py", "train.py", "latents.py", "scaling.py"]),
+    "validate_synthetic": dict(params=["validate", "crosscoders", "analysis"], code=["synthetic.py", "crosscoder.py", "train.py", "latents.py", "scaling.py", "cache.py"]),
     "validate_behaviours": dict(params=["analysis"], code=["synthetic.py", "latents.py", "crosscoder.py", "cache.py"]),
-    "render_report": dict(params=["report"], code=["report"]),
+    # the report prints the run's params, so it declares every key the pipeline's outputs depend on
+    "render_report": dict(params=["report", "pair", "layer", "seed", "models", "corpus", "activations", "crosscoders",
+                                  "analysis", "causal", "autointerp"] + (["toy"] if TOY else []), code=["report"]),
 }
 
 
