@@ -1,0 +1,294 @@
+"""Build the embedded default pair: corpora, tokenizer, a tiny Gemma 2 base and its chat-tuned copy.
+
+Output layout (what `AutoModelForCausalLM/AutoTokenizer.from_pretrained` and later stages read):
+    {out}/base/, {out}/chat/     save_pretrained model (safetensors) + the shared tokenizer
+    {out}/data/web.parquet       text, split (train|heldout)
+    {out}/data/chat.parquet      messages (list of {role, content}), behaviour, answer, split
+    {out}/data/generations.parquet   greedy responses of both models to the held-out eval prompts
+    {out}/metrics.json           held-out losses and per-behaviour success, base vs chat
+The whole directory is built next to `out` and renamed onto it at the end (atomic for readers).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import polars as pl
+import torch
+from tqdm import tqdm
+from transformers import Gemma2Config, Gemma2ForCausalLM, GenerationConfig
+
+from .. import io
+from ..cli import seed_everything
+from . import corpus, evaluate
+from .evaluate import Row, collate
+from .tokenizer import END, assistant_labels, train_tokenizer, training_texts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    """The `toy:` section of params.yaml (defaults = params.yaml)."""
+
+    seed: int = 0
+    web_docs: int = 14000
+    chat_convs: int = 8000
+    heldout_frac: float = 0.1
+    multi_turn_frac: float = 0.2
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+    max_len: int = 128
+    pretrain_steps: int = 400
+    finetune_steps: int = 400
+    batch_size: int = 32
+    lr: float = 3e-3
+    finetune_lr: float = 2e-3
+    finetune_web_frac: float = 0.25  # share of fine-tuning batches that are web text (limits forgetting)
+    eval_prompts: int = 64  # held-out prompts per behaviour in the success table
+    max_new_tokens: int = 40
+    threads: int = 0  # torch threads; 0 = all available cores
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ToyConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown toy params {unknown}; known: {sorted(known)}")
+        cfg = cls(**d)
+        if cfg.hidden_size % cfg.num_heads:
+            raise ValueError(f"toy.hidden_size ({cfg.hidden_size}) must be divisible by toy.num_heads ({cfg.num_heads})")
+        if not 0 <= cfg.finetune_web_frac < 1:
+            raise ValueError(f"toy.finetune_web_frac must be in [0, 1), got {cfg.finetune_web_frac}")
+        return cfg
+
+    @property
+    def context(self) -> int:
+        """Positions the model supports: room for prompts of max_len plus generated responses."""
+        return 4 * self.max_len
+
+
+def model_config(cfg: ToyConfig, tokenizer) -> Gemma2Config:
+    head_dim = cfg.hidden_size // cfg.num_heads
+    return Gemma2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        head_dim=head_dim,
+        query_pre_attn_scalar=head_dim,
+        max_position_embeddings=cfg.context,
+        sliding_window=cfg.context,  # >= every sequence: local and global layers attend alike
+        attn_logit_softcapping=50.0,  # Gemma 2's soft-caps (eager attention implements both)
+        final_logit_softcapping=30.0,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        attn_implementation="eager",  # Gemma 2 has no SDPA path in transformers 5
+    )
+
+
+def web_rows(tokenizer, texts: Sequence[str], max_len: int) -> list[Row]:
+    """`<bos> text <eos>`, truncated to max_len; every token is a target."""
+    rows = []
+    for ids in tokenizer(list(texts), truncation=True, max_length=max_len - 1)["input_ids"]:
+        ids = ids + [tokenizer.eos_token_id]
+        rows.append((ids, [True] * len(ids)))
+    return rows
+
+
+def chat_rows(tokenizer, conversations: Sequence[Sequence[dict]], max_len: int) -> list[Row]:
+    """Rendered conversations; targets = assistant turns only (tokenizer.assistant_labels)."""
+    rows = []
+    for msgs in conversations:
+        ids, mask = assistant_labels(tokenizer, msgs)
+        rows.append((ids[:max_len], mask[:max_len]))
+    return rows
+
+
+def _optimizer(model, lr: float) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # nanoGPT: no decay on norms
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.95))
+
+
+def _lr_factor(step: int, steps: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10%."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class _Batches:
+    """Endless length-bucketed batches of one source, in a seeded order.
+
+    Each epoch is a seeded permutation; windows of 50 batches are sorted by length before being cut
+    into batches, so a batch pads to a similar length (CPU time goes to tokens, not padding), and the
+    batches are then shuffled.
+    """
+
+    def __init__(self, rows: Sequence[Row], batch_size: int, generator: torch.Generator, window: int = 50):
+        if not rows:
+            raise ValueError("no training rows")
+        self.rows, self.bs, self.g, self.window = rows, batch_size, generator, window
+        self.queue: list[list[int]] = []
+
+    def _epoch(self) -> list[list[int]]:
+        order = torch.randperm(len(self.rows), generator=self.g).tolist()
+        batches = []
+        for w in range(0, len(order), self.bs * self.window):
+            chunk = sorted(order[w : w + self.bs * self.window], key=lambda i: len(self.rows[i][0]))
+            batches += [chunk[i : i + self.bs] for i in range(0, len(chunk), self.bs)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=self.g).tolist()]
+
+    def next(self) -> list[Row]:
+        if not self.queue:
+            self.queue = self._epoch()
+        return [self.rows[i] for i in self.queue.pop()]
+
+
+def train(model, sources: Sequence[tuple[Sequence[Row], float]], steps: int, batch_size: int, lr: float,
+          seed: int, pad_id: int, desc: str) -> dict:
+    """AdamW on batches drawn from `(rows, weight)` sources (a whole batch per draw, so each batch
+    is length-bucketed within one source). The loss is the mean cross-entropy over target positions
+    (HF's causal-LM loss with -100 labels). Returns the loss curve and the tokens seen.
+    """
+    g = torch.Generator().manual_seed(seed)
+    streams = [_Batches(rows, batch_size, g) for rows, w in sources if w > 0]
+    weights = torch.tensor([w for _, w in sources if w > 0], dtype=torch.float)
+    opt = _optimizer(model, lr)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps, warmup))
+    model.train()
+    losses, tokens = [], 0
+    bar = tqdm(range(steps), desc=desc, mininterval=2.0)
+    for _ in bar:
+        ids, att, labels = collate(streams[int(torch.multinomial(weights, 1, generator=g))].next(), pad_id)
+        loss = model(input_ids=ids, attention_mask=att, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        tokens += int(att.sum())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    model.eval()
+    return {"losses": losses, "tokens": tokens}
+
+
+def write_corpora(data_dir: Path, cfg: ToyConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
+    web, chat = corpus.generate(cfg.seed, cfg.web_docs, cfg.chat_convs, cfg.heldout_frac, cfg.multi_turn_frac)
+    io.write_parquet(data_dir / "web.parquet", web)
+    io.write_parquet(data_dir / "chat.parquet", chat)
+    return web, chat
+
+
+def build_tokenizer(cfg: ToyConfig, web: pl.DataFrame, chat: pl.DataFrame):
+    """BPE trained on the training split only (held-out text stays unseen everywhere)."""
+    texts = training_texts(
+        web.filter(pl.col("split") == "train")["text"].to_list(),
+        chat.filter(pl.col("split") == "train")["messages"].to_list(),
+    )
+    return train_tokenizer(texts, cfg.vocab_size, cfg.context)
+
+
+def _save(model, tokenizer, path: Path, stop_ids: list[int]) -> None:
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id
+    )
+    model.save_pretrained(path)  # safetensors
+    tokenizer.save_pretrained(path)
+
+
+def _threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def build_pair(out_dir: str | os.PathLike, params: Mapping[str, Any] | ToyConfig | None = None) -> dict:
+    """Build the whole toy pair into `out_dir` (layout in the module docstring); returns the metrics.
+
+    `params` is the `toy:` section of params.yaml (a dict, possibly partial) or a ToyConfig.
+    """
+    cfg = params if isinstance(params, ToyConfig) else ToyConfig.from_dict(params or {})
+    out = Path(out_dir)
+    tmp = out.parent / f".{out.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.set_num_threads(cfg.threads or _threads())
+    seed_everything(cfg.seed)
+    timings, t0, cpu0 = {}, time.perf_counter(), time.process_time()
+
+    web, chat = write_corpora(tmp / "data", cfg)
+    tokenizer = build_tokenizer(cfg, web, chat)
+    timings["corpus_tokenizer"] = time.perf_counter() - t0
+    split = {s: (web.filter(pl.col("split") == s), chat.filter(pl.col("split") == s)) for s in ("train", "heldout")}
+    web_train = web_rows(tokenizer, split["train"][0]["text"].to_list(), cfg.max_len)
+    chat_train = chat_rows(tokenizer, split["train"][1]["messages"].to_list(), cfg.max_len)
+    web_held = web_rows(tokenizer, split["heldout"][0]["text"].to_list(), cfg.max_len)
+    chat_held = chat_rows(tokenizer, split["heldout"][1]["messages"].to_list(), cfg.max_len)
+    pad = tokenizer.pad_token_id
+    stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END)]
+
+    t = time.perf_counter()
+    base = Gemma2ForCausalLM(model_config(cfg, tokenizer))
+    n_params = sum(p.numel() for p in base.parameters())
+    log.info("toy base: %d parameters, %d web / %d chat training rows", n_params, len(web_train), len(chat_train))
+    pre = train(base, [(web_train, 1.0)], cfg.pretrain_steps, cfg.batch_size, cfg.lr, cfg.seed, pad, "pretrain base")
+    timings["pretrain"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    chat_model = copy.deepcopy(base)
+    ft = train(chat_model, [(chat_train, 1 - cfg.finetune_web_frac), (web_train, cfg.finetune_web_frac)],
+               cfg.finetune_steps, cfg.batch_size, cfg.finetune_lr, cfg.seed + 1, pad, "fine-tune chat")
+    timings["finetune"] = time.perf_counter() - t
+
+    _save(base, tokenizer, tmp / "base", [tokenizer.eos_token_id])
+    _save(chat_model, tokenizer, tmp / "chat", stop_ids)
+
+    t = time.perf_counter()
+    models = {"base": base, "chat": chat_model}
+    losses = {
+        "web_heldout": {k: evaluate.mean_loss(m, web_held, pad) for k, m in models.items()},
+        "chat_heldout_responses": {k: evaluate.mean_loss(m, chat_held, pad) for k, m in models.items()},
+    }
+    prompts = evaluate.eval_prompts(chat, cfg.eval_prompts)
+    table, gens = evaluate.behaviour_table(models, tokenizer, prompts, cfg.max_new_tokens, stop_ids)
+    io.write_parquet(tmp / "data" / "generations.parquet", gens)
+    timings["evaluate"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    timings["cpu_total"] = time.process_time() - cpu0  # robust to other jobs on a shared machine
+
+    metrics = {
+        "loss": losses,
+        "behaviours": table,
+        "train": {name: {"final_loss": sum(r["losses"][-20:]) / len(r["losses"][-20:]), "tokens": r["tokens"],
+                         "tokens_per_s": r["tokens"] / timings[name]} for name, r in (("pretrain", pre), ("finetune", ft))},
+        "n_params": n_params,
+        "rows": {"web_train": len(web_train), "chat_train": len(chat_train),
+                 "web_heldout": len(web_held), "chat_heldout": len(chat_held)},
+        "time_s": timings,
+    }
+    io.write_json(tmp / "metrics.json", metrics)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    log.info("toy pair written to %s in %.0f s", out, timings["total"])
+    return metrics
