@@ -84,7 +84,8 @@ def by_class_hist(path, table: pl.DataFrame, column: str, log_x: bool = False, t
     """Distribution of `column` per Δnorm class (Fig. 10: cos_sim; Fig. 11: freq on a log axis)."""
     t = _alive(table)
     classes = [k for k in ("base_only", "shared", "chat_only", "other") if (t["klass"] == k).any()]
-    fig, axes = plt.subplots(1, max(len(classes), 1), figsize=(3.2 * max(len(classes), 1), 3), squeeze=False)
+    fig, axes = plt.subplots(1, max(len(classes), 1), figsize=(3.2 * max(len(classes), 1), 3.2), squeeze=False,
+                             layout="constrained")
     for ax, k in zip(axes[0], classes):
         v = _col(t.filter(pl.col("klass") == k), column)
         if log_x:
@@ -100,7 +101,7 @@ def nu_hists(path, table: pl.DataFrame, template_share: float = 0.5, title: str 
     """Fig. 12: ν^ε and ν^r of chat-only latents, those with f_template > `template_share` highlighted."""
     t = _alive(table).filter(pl.col("klass") == "chat_only")
     heavy = (t["f_template"].fill_null(0) > template_share).to_numpy()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), layout="constrained")
     for ax, c, label in zip(axes, ("nu_eps", "nu_r"), ("ν^ε", "ν^r")):
         v = t[c].fill_null(np.nan).to_numpy()
         ok = np.isfinite(v)
