@@ -325,7 +325,7 @@ def test_explain_and_score_resumes_from_cache_after_server_killed(tmp_path, tiny
             def kill_after_two(i, content):
                 answered.append(i)
                 if len(answered) == 2:
-                    srv.stop()
+                    srv.kill()  # a crash, not a graceful stop (which would finish requests in flight)
             pipeline.explain_and_score(examples, client, ai, on_result=kill_after_two)
     assert srv.base_url in str(err.value) and srv.process.poll() is not None
     n_cached = len(list(cache.glob("*/*.json")))  # 2, or 3 if the next call was answered before the kill

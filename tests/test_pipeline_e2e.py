@@ -44,6 +44,9 @@ def smk_repo(tmp_path_factory):
 def dvc_repo(tmp_path_factory):
     repo = tiny_repo(tmp_path_factory.mktemp("dvc"))
     run("dvc", "repro", cwd=repo)
+    # the daily loop: the baseline's dvc.lock is committed, so experiments diff against HEAD
+    run("git", "add", "-A", cwd=repo)
+    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline run", cwd=repo)
     return repo
 
 

@@ -41,7 +41,7 @@ def test_dvc_stages_mirror_snakemake_jobs():
     stages = doc["stages"]
     assert {"train_crosscoder-l1", "train_crosscoder-batchtopk"} <= set(stages)
     train = stages["train_crosscoder-batchtopk"]
-    assert train["params"] == ["crosscoders.batchtopk", "seed"]
+    assert train["params"] == ["crosscoders.batchtopk", "seed", "device"]
     assert "--allowed-rules train_crosscoder" in train["cmd"]
     assert "src/crossdiff/train.py" in train["deps"]
     assert any(d.endswith("train.h5") for d in train["deps"])
