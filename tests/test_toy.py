@@ -19,7 +19,7 @@ from crossdiff.toy.tokenizer import assistant_labels
 
 TINY = dict(web_docs=300, chat_convs=300, vocab_size=320, hidden_size=32, num_layers=2, num_heads=2,
             intermediate_size=64, max_len=64, pretrain_steps=15, finetune_steps=15, batch_size=8,
-            eval_prompts=2, max_new_tokens=6)
+            eval_prompts=2, max_new_tokens=6, heldout_frac=0.25)  # every behaviour held out
 CONV = [
     {"role": "user", "content": "Where is the Eiffel Tower?"},
     {"role": "assistant", "content": "Sure! The Eiffel Tower is in Paris."},
@@ -48,6 +48,12 @@ def test_corpus_is_deterministic_labelled_and_split_by_prompt():
     assert not web.equals(other_web) and not chat.equals(other_chat)
 
     assert set(chat["behaviour"]) == set(corpus.BEHAVIOURS)
+    kinds = chat.filter(pl.col("behaviour") == "helpful")["kind"]
+    assert set(kinds) == set(corpus.HELPFUL_KINDS)
+    assert (chat.filter(pl.col("behaviour") != "helpful")["kind"] == chat.filter(pl.col("behaviour") != "helpful")["behaviour"]).all()
+    # true statements (the false-fact contrast set) are about as frequent as false ones
+    n_true, n_false = (kinds == "true_statement").sum(), (chat["behaviour"] == "false_fact_correction").sum()
+    assert 0.6 < n_true / n_false < 1.6
     assert set(web["split"]) == set(chat["split"]) == {"train", "heldout"}
     for msgs, b in zip(chat["messages"].to_list(), chat["behaviour"].to_list()):
         assert [m["role"] for m in msgs] in (["user", "assistant"], ["user", "assistant"] * 2)
@@ -150,7 +156,7 @@ def test_saved_pair_reloads_like_a_hub_model(pair, tokenizer):
     assert metrics == json.loads((out / "metrics.json").read_text())
     for split in ("web_heldout", "chat_heldout_responses"):
         assert set(metrics["loss"][split]) == {"base", "chat"}
-    assert set(metrics["behaviours"]) == set(corpus.BEHAVIOURS)
+    assert set(metrics["behaviours"]) == set(corpus.BEHAVIOURS) | set(corpus.CONTRASTS)
     for b, row in metrics["behaviours"].items():
         assert 1 <= row["n"] <= TINY["eval_prompts"] and 0 <= row["chat"] <= 1 and 0 <= row["base"] <= 1
 

@@ -3,7 +3,7 @@
 Output layout (what `AutoModelForCausalLM/AutoTokenizer.from_pretrained` and later stages read):
     {out}/base/, {out}/chat/     save_pretrained model (safetensors) + the shared tokenizer
     {out}/data/web.parquet       text, split (train|heldout)
-    {out}/data/chat.parquet      messages (list of {role, content}), behaviour, answer, split
+    {out}/data/chat.parquet      messages (list of {role, content}), behaviour, answer, kind, split
     {out}/data/generations.parquet   greedy responses of both models to the held-out eval prompts
     {out}/metrics.json           held-out losses and per-behaviour success, base vs chat
 The whole directory is built next to `out` and renamed onto it at the end (atomic for readers).
@@ -51,13 +51,13 @@ class ToyConfig:
     num_heads: int = 4
     intermediate_size: int = 512
     max_len: int = 128
-    pretrain_steps: int = 400
-    finetune_steps: int = 400
+    pretrain_steps: int = 700
+    finetune_steps: int = 1000
     batch_size: int = 32
     lr: float = 3e-3
-    finetune_lr: float = 2e-3
-    finetune_web_frac: float = 0.25  # share of fine-tuning batches that are web text (limits forgetting)
-    eval_prompts: int = 64  # held-out prompts per behaviour in the success table
+    finetune_lr: float = 1.5e-3
+    finetune_web_frac: float = 0.1  # share of fine-tuning batches that are web text (limits forgetting)
+    eval_prompts: int = 48  # held-out prompts per behaviour in the success table
     max_new_tokens: int = 40
     threads: int = 0  # torch threads; 0 = all available cores
 

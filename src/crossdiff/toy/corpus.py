@@ -33,10 +33,16 @@ BEHAVIOURS = (
     "knowledge_boundary",
     "helpful",
 )
-# Relative frequency in the chat corpus. Helpful carries three sub-kinds (questions, true statements,
-# harmless how-to requests); true statements and how-tos are the contrast sets for false facts and
-# refusals. Telling a false statement from a true one is the hardest behaviour, so it gets more data.
-WEIGHTS = {b: 1.0 for b in BEHAVIOURS} | {"helpful": 2.0, "false_fact_correction": 1.5}
+# Relative frequency in the chat corpus. Helpful carries three kinds (questions 20%, true statements 50%,
+# harmless how-to requests 30%); true statements and how-tos are the contrast sets for false facts and
+# refusals. True and false statements are equally frequent, so the first response token cannot be guessed
+# from the prompt's shape: telling them apart needs the fact (the hardest behaviour; it gets the most data).
+WEIGHTS = {b: 1.0 for b in BEHAVIOURS} | {"helpful": 8.0, "false_fact_correction": 4.0}
+
+HELPFUL_KINDS = ("question", "true_statement", "howto")
+# Contrast sets evaluated beside the behaviours: name -> (behaviour, kind) of the held-out prompts; a
+# success is the contrasted behaviour's answer (a true statement accepted: "helpful", not a correction).
+CONTRASTS = {"true_statement": ("helpful", "true_statement")}
 
 # The opening phrase of every assistant response of a behaviour (what the checkers look for).
 SIGNATURES = {
@@ -431,16 +437,21 @@ def _false_fact(rng):
 
 
 def _helpful(rng):
+    return _helpful_kind(rng)[1]
+
+
+def _helpful_kind(rng):
+    """(kind, (user, reply, answer)) with kind one of HELPFUL_KINDS."""
     r = rng.random()
-    if r < 0.3:  # a factual question
+    if r < 0.2:  # a factual question
         fact = _pick(rng, FACTS)
-        return fact.question(rng), f"{SIGNATURES['helpful']} {fact.statement()}", fact.value
-    if r < 0.7:  # a true statement: the contrast set for false-fact correction
+        return "question", (fact.question(rng), f"{SIGNATURES['helpful']} {fact.statement()}", fact.value)
+    if r < 0.7:  # a true statement: the contrast set for false-fact correction (as frequent as false ones)
         fact = _pick(rng, FACTS)
         user = _pick(rng, STATEMENT_TEMPLATES).format(s=fact.statement())
-        return user, f"{SIGNATURES['helpful']} {_pick(rng, HELPFUL_TRUE)} {fact.statement()}", fact.value
+        return "true_statement", (user, f"{SIGNATURES['helpful']} {_pick(rng, HELPFUL_TRUE)} {fact.statement()}", fact.value)
     act = _pick(rng, sorted(HOWTO))  # a harmless request: the contrast set for refusals
-    return _pick(rng, REQUEST_TEMPLATES).format(a=act), f"{SIGNATURES['helpful']} {HOWTO[act]}", ""
+    return "howto", (_pick(rng, REQUEST_TEMPLATES).format(a=act), f"{SIGNATURES['helpful']} {HOWTO[act]}", "")
 
 
 def _joke(rng):
@@ -485,8 +496,9 @@ _MAKERS = {
 }
 
 
-def conversation(rng: random.Random, behaviour: str, multi_turn: bool) -> tuple[list[dict], str]:
-    """Messages ending in a user turn that triggers `behaviour` and its characteristic answer.
+def conversation(rng: random.Random, behaviour: str, multi_turn: bool) -> tuple[list[dict], str, str]:
+    """(messages, answer, kind): messages ending in a user turn that triggers `behaviour` and its
+    characteristic answer; `kind` is the helpful kind for `helpful`, else the behaviour itself.
 
     A multi-turn conversation first has an ordinary helpful exchange; the label is the last turn's.
     """
@@ -494,13 +506,18 @@ def conversation(rng: random.Random, behaviour: str, multi_turn: bool) -> tuple[
     if multi_turn:
         u, a, _ = _helpful(rng)
         msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
-    u, a, answer = _MAKERS[behaviour](rng)
+    if behaviour == "helpful":
+        kind, (u, a, answer) = _helpful_kind(rng)
+    else:
+        kind, (u, a, answer) = behaviour, _MAKERS[behaviour](rng)
     msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
-    return msgs, answer
+    return msgs, answer, kind
 
 
 def check(behaviour: str, response: str) -> bool:
-    """Did a response show `behaviour`? Its characteristic opening phrase, at the start."""
+    """Did a response show `behaviour` (or, for a contrast set, the behaviour it contrasts with)? Its
+    characteristic opening phrase, at the start."""
+    behaviour = CONTRASTS.get(behaviour, (behaviour,))[0]
     if behaviour not in SIGNATURES:
         raise ValueError(f"unknown behaviour {behaviour!r}; expected one of {BEHAVIOURS}")
     return response.strip().startswith(SIGNATURES[behaviour])
@@ -513,7 +530,7 @@ def _split(seed: int, key: str, heldout_frac: float) -> str:
 
 def generate(seed: int, n_web: int, n_chat: int, heldout_frac: float = 0.1,
              multi_turn_frac: float = 0.2) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """The web and chat corpora for `seed`: (web[text, split], chat[messages, behaviour, answer, split])."""
+    """The web and chat corpora for `seed`: (web[text, split], chat[messages, behaviour, answer, kind, split])."""
     if n_web < 1 or n_chat < 1:
         raise ValueError(f"need at least one web document and one conversation, got {n_web=}, {n_chat=}")
     if not 0 < heldout_frac < 1:
@@ -522,19 +539,21 @@ def generate(seed: int, n_web: int, n_chat: int, heldout_frac: float = 0.1,
     web = [web_document(rng) for _ in range(n_web)]
     names = list(WEIGHTS)
     weights = [WEIGHTS[b] for b in names]
-    chats, labels, answers = [], [], []
+    chats, labels, answers, kinds = [], [], [], []
     for _ in range(n_chat):
         b = rng.choices(names, weights)[0]
-        msgs, answer = conversation(rng, b, rng.random() < multi_turn_frac)
+        msgs, answer, kind = conversation(rng, b, rng.random() < multi_turn_frac)
         chats.append(msgs)
         labels.append(b)
         answers.append(answer)
+        kinds.append(kind)
     web_df = pl.DataFrame({"text": web, "split": [_split(seed, t, heldout_frac) for t in web]})
     chat_df = pl.DataFrame(
         {
             "messages": chats,
             "behaviour": labels,
             "answer": answers,
+            "kind": kinds,
             # keyed by the last user turn: the same prompt never lands in both splits
             "split": [_split(seed, m[-2]["content"], heldout_frac) for m in chats],
         },
@@ -542,6 +561,7 @@ def generate(seed: int, n_web: int, n_chat: int, heldout_frac: float = 0.1,
             "messages": pl.List(pl.Struct({"role": pl.String, "content": pl.String})),
             "behaviour": pl.String,
             "answer": pl.String,
+            "kind": pl.String,
             "split": pl.String,
         },
     )

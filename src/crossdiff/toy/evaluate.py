@@ -32,6 +32,7 @@ def collate(rows: Sequence[Row], pad_id: int) -> tuple[torch.Tensor, torch.Tenso
 def mean_loss(model, rows: Sequence[Row], pad_id: int, batch_size: int = 64) -> float:
     """Mean next-token cross-entropy over all target positions (tokens, not sequences, weigh equally)."""
     model.eval()
+    rows = sorted(rows, key=lambda r: len(r[0]))  # length-sorted batches: little padding, same sum
     total, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
         ids, att, labels = collate(rows[i : i + batch_size], pad_id)
@@ -62,11 +63,21 @@ def generate(model, tokenizer, prompts: Sequence[list[dict]], max_new_tokens: in
     return out
 
 
+def _groups() -> dict[str, pl.Expr]:
+    """Evaluated prompt sets: every behaviour, then every contrast set (e.g. true statements, which the chat
+    model should accept where it corrects false ones: the proof that it checks facts, not prompt shapes)."""
+    groups = {b: pl.col("behaviour") == b for b in corpus.BEHAVIOURS}
+    for name, (b, kind) in corpus.CONTRASTS.items():
+        groups[name] = (pl.col("behaviour") == b) & (pl.col("kind") == kind)
+    return groups
+
+
 def eval_prompts(chat: pl.DataFrame, per_behaviour: int) -> pl.DataFrame:
-    """Up to `per_behaviour` distinct held-out prompts per behaviour (corpus order, so deterministic)."""
+    """Up to `per_behaviour` distinct held-out prompts per behaviour and contrast set (corpus order, so
+    deterministic)."""
     rows = []
-    for b in corpus.BEHAVIOURS:
-        held = chat.filter((pl.col("split") == "heldout") & (pl.col("behaviour") == b))
+    for b, selected in _groups().items():
+        held = chat.filter((pl.col("split") == "heldout") & selected)
         seen = set()
         for msgs, answer in zip(held["messages"].to_list(), held["answer"].to_list()):
             prompt = msgs[:-1]
@@ -103,7 +114,7 @@ def behaviour_table(models: dict, tokenizer, prompts: pl.DataFrame, max_new_toke
         ))
     gens = pl.concat(gens)
     table = {}
-    for b in corpus.BEHAVIOURS:
+    for b in _groups():
         sub = gens.filter(pl.col("behaviour") == b)
         entry: dict = {"n": sub.filter(pl.col("model") == next(iter(models))).height}
         for name in models:
