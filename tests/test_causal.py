@@ -104,6 +104,21 @@ def test_latent_sets_are_the_ranked_halves():
         causal.latent_sets(latent_frame(4, {}).drop("rank_nu"))
 
 
+def test_top_n_pool_halves_the_highest_delta_norm_latents_and_reranks_nu():
+    # no chat-only class at all (as a BatchTopK crosscoder on a small pair may have): the pool is the top 4 by Δnorm
+    df = pl.DataFrame({"latent": range(8), "klass": ["shared"] * 6 + ["other"] * 2,
+                       "delta_norm": [0.5, 0.85, 0.6, 0.8, 0.7, 0.88, 0.75, 0.1],
+                       "nu_eps": [0.1, 0.4, 0.0, -0.1, 0.2, 0.3, 0.5, 0.0], "nu_r": [0.1, 0.1, 0.0, 0.2, -0.4, 0.3, 0.0, 0.0],
+                       "rank_nu": [None] * 8, "dead": [False] * 7 + [True]}, schema_overrides={"rank_nu": pl.Int64})
+    assert causal.latent_sets(df)["delta_norm_best"] is None
+    sets = causal.latent_sets(df, top_n=4)                           # pool by Δnorm: 5, 1, 3, 6
+    assert sets["delta_norm_best"].tolist() == [5, 1] and sets["delta_norm_worst"].tolist() == [3, 6]
+    # |ν^ε| ranks in the pool: 3 (0.1) 1, 5 (0.3) 2, 1 (0.4) 3, 6 (0.5) 4; |ν^r|: 6 (0) 1, 1 (0.1) 2, 3 (0.2) 3, 5 (0.3) 4
+    # sums: 3 -> 4, 1 -> 5, 6 -> 5, 5 -> 6: 3 is most chat-specific, 5 least; 1 and 6 tie in the middle
+    nu_order = sets["nu_best"].tolist() + sets["nu_worst"].tolist()
+    assert nu_order[0] == 3 and nu_order[-1] == 5 and set(nu_order) == {1, 3, 5, 6}
+
+
 # ---- KL and patching -----------------------------------------------------------------------------------------
 
 def test_chunked_kl_matches_the_definition():

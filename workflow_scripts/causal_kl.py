@@ -28,7 +28,7 @@ def main(argv=None) -> None:
     pair = load_pair(args.base, args.chat, layer=layer, dtype=params["models"]["dtype"], device=device)
     cc = CrossCoder.load(args.crosscoder, device=device)
     eval_set = pl.read_parquet(args.eval_set)
-    sets = causal.latent_sets(pl.read_parquet(args.latents))
+    sets = causal.latent_sets(pl.read_parquet(args.latents), top_n=cp.get("top_n"))
     tok = pair.tokenizer
     tokens = causal.evaluate(pair.base, pair.chat, cc, eval_set, layer, sets, first=cp["first_tokens"],
                              batch_size=cp["batch_size"], bos_id=tok.bos_token_id, pad_id=tok.pad_token_id or 0)

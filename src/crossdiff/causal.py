@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from crossdiff import latents
 from crossdiff.data import template_mask
 from crossdiff.models import hidden_at_layer, logits_from_layer
 
@@ -179,16 +180,22 @@ def response_masks(assistant: Sequence[bool], first: Sequence[int] = (2, 10)) ->
     return full, first_m
 
 
-def latent_sets(table: pl.DataFrame) -> dict[str, np.ndarray | None]:
+def latent_sets(table: pl.DataFrame, top_n: int | None = None) -> dict[str, np.ndarray | None]:
     """Best / worst half of the live chat-only latents by Δnorm (descending) and by rank_nu (ascending; latents
     without both ν are left out of that ranking). Halves have equal size (the middle latent of an odd set is in
-    neither); a ranking over fewer than 2 latents gives None. Ties break by latent id."""
+    neither); a ranking over fewer than 2 latents gives None. Ties break by latent id.
+
+    top_n replaces the chat-only class (paper A.8) by the top_n live latents of highest Δnorm: the pool for a
+    crosscoder whose chat-only class is too small to halve (as for a BatchTopK crosscoder on a small pair)."""
     need = {"latent", "klass", "delta_norm", "rank_nu"} - set(table.columns)
     if need:
         raise ValueError(f"the latent table lacks columns {sorted(need)}")
-    chat = table.filter(pl.col("klass") == "chat_only")
-    if "dead" in table.columns:
-        chat = chat.filter(~pl.col("dead").fill_null(False))
+    live = table.filter(~pl.col("dead").fill_null(False)) if "dead" in table.columns else table
+    if top_n is None:
+        chat = live.filter(pl.col("klass") == "chat_only")
+    else:
+        chat = live.filter(pl.col("delta_norm").is_not_null()).sort(["delta_norm", "latent"], descending=[True, False])
+        chat = latents.add_rank_nu(chat.head(top_n).drop("rank_nu"), pool=pl.lit(True))  # ν ranked within the pool
     ranked = {
         "delta_norm": chat.filter(pl.col("delta_norm").is_not_null()).sort(["delta_norm", "latent"], descending=[True, False]),
         "nu": chat.filter(pl.col("rank_nu").is_not_null()).sort(["rank_nu", "latent"]),

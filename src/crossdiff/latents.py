@@ -123,10 +123,11 @@ def latent_table(crosscoder: CrossCoder, acts: ActivationStats, scaling: Scaling
     return add_rank_nu(df)
 
 
-def add_rank_nu(df: pl.DataFrame) -> pl.DataFrame:
-    """rank(|ν^ε|) + rank(|ν^r|) among chat-only latents with both ν (ascending: 2 = most chat-specific, the
-    ranking of the paper's causal experiment, A.8; ranks of absolute values as in Tables 3/4); null elsewhere."""
-    live = (pl.col("klass") == "chat_only") & pl.col("nu_eps").is_not_null() & pl.col("nu_r").is_not_null()
+def add_rank_nu(df: pl.DataFrame, pool: pl.Expr = pl.col("klass") == "chat_only") -> pl.DataFrame:
+    """rank(|ν^ε|) + rank(|ν^r|) among the pool's latents with both ν, by default the chat-only ones (ascending:
+    2 = most chat-specific, the ranking of the paper's causal experiment, A.8; ranks of absolute values as in
+    Tables 3/4); null elsewhere."""
+    live = pool & pl.col("nu_eps").is_not_null() & pl.col("nu_r").is_not_null()
     rank = lambda c: pl.when(live).then(pl.col(c).abs()).otherwise(None).rank("ordinal")  # noqa: E731
     return df.with_columns(rank_nu=(rank("nu_eps") + rank("nu_r")).cast(pl.Int64))
 
