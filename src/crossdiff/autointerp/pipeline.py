@@ -101,4 +101,8 @@ def explain_and_score(examples: pl.DataFrame, client: LLMClient, params: dict,
     scores, _ = score(client, examples, explanations, params["score_batch"], params["seed"], on_result)
     metrics = scoring.summarise(scores)
     metrics["llm_calls"] = {"cached": client.hits, "new": client.misses, "model": client.model}
+    if metrics["unparsed_fraction"] > 0.5:  # the scores then measure the LLM's format-following, not the latents
+        metrics["warning"] = (f"{metrics['unparsed_fraction']:.0%} of scorer answers were unparseable (counted wrong): "
+                              f"{client.model} does not follow the autointerp prompts; use a capable instruction-tuned LLM")
+        log.warning(metrics["warning"])
     return explanations, scores, metrics
