@@ -134,7 +134,9 @@ def build_run(root: Path, pair: str = "toy", layer: int = 1, variants=("l1", "ba
                       "dead": float(rng.uniform(0, 0.1))} for s in ("train", "val")}
             truth["training"][v] = tr
             write_json(cc / "metrics.json", {**tr, "steps": 100})
-            write_json(cc / "config.json", {"d_model": 16, "dict_size": d, "kind": PARAMS["crosscoders"][v]["type"]})
+            kind = PARAMS["crosscoders"][v]["type"]  # the trainer records every knob, defaults of the other type too
+            write_json(cc / "config.json", {"d_model": 16, "dict_size": d, "kind": kind,
+                                            "extra": {"train": {"type": kind, "mu": 0.041, "k": 8}}})
         if f"{v}:latents" in skip:
             continue
         lat = latents_frame(d, rng)

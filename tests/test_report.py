@@ -64,6 +64,7 @@ def test_training_classes_template_kl(full):
         assert (r["fve_base"], r["fve_chat"], r["fve_total"], r["l0"], r["dead"]) == (
             t["fve_base"], t["fve_chat"], t["fve"], t["l0"], t["dead"])
     assert rows[0]["mu"] == 0.041 and rows[2]["k"] == 8 and rows[0]["D"] == 96  # params, then config.json
+    assert rows[0]["k"] is None and rows[2]["mu"] is None  # each type shows only its own sparsity knob
 
     counts = tables.class_counts(run.variants, BANDS)
     for i, v in enumerate(VARIANTS):

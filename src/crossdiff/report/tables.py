@@ -122,6 +122,9 @@ TRAIN_FIELDS = {  # column -> (words the key must contain, words it must not)
 }
 
 
+ONLY_FOR = {"mu": "l1", "k": "batchtopk"}  # hyperparameters of one crosscoder type
+
+
 def training_rows(variant: VariantRun, params: dict) -> list[dict]:
     """The paper's Table 1/2 rows (one per split) for one variant; [] when training has not run."""
     if variant.training is None:
@@ -132,6 +135,9 @@ def training_rows(variant: VariantRun, params: dict) -> list[dict]:
     for key in ("type", "mu", "k", "lr", "epochs", "dict_size"):
         if hp.get(key) is None:
             hp[key] = next((v for k, v in cfg.items() if k.split("/")[-1] == key), None)
+    for key, kind in ONLY_FOR.items():  # config.json holds every default; show a key only where it acts
+        if hp.get("type") != kind:
+            hp[key] = None
     rows = []
     for split in SPLITS:
         other = set(SPLITS) - {split}
