@@ -26,6 +26,7 @@ PARAMS = {
 WINDOW = ["<start_of_turn>", "user", "\n", "The", " E", "iffel", " Tower", " is", " in", " Texas",
           "<end_of_turn>", "\n", "<start_of_turn>", "model", "\n", "</script>"]
 NASTY = "fires on <b>false</b> facts & corrections </script>"  # must come out escaped
+WARNING = "90% of scorer answers were unparseable"
 
 
 def klass_of(dn: float) -> str:
@@ -170,7 +171,8 @@ def build_run(root: Path, pair: str = "toy", layer: int = 1, variants=("l1", "ba
                 **{f"recall_t{t}": rng.uniform(0, 1, len(chosen)) for t in range(3)},
                 "n_pos": [9] * len(chosen), "n_neg_similar": [9] * len(chosen), "n_neg_random": [9] * len(chosen),
                 "n_unparsed": [0] * len(chosen)}))
-            write_json(ai / "metrics.json", {"chat_only": {"similar": 0.7, "random": 0.9}, "shared": {"similar": 0.6}})
+            write_json(ai / "metrics.json", {"chat_only": {"similar": 0.7, "random": 0.9}, "shared": {"similar": 0.6},
+                                             **({"warning": WARNING} if v == "l1" else {})})
     if "comparison" not in skip:
         comp = root / f"results/analysis/{pair}/L{layer}/comparison"
         write_json(comp / "metrics.json", {"n_chat_only": {v: 1 for v in variants}})

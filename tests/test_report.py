@@ -16,7 +16,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from _report_fixtures import BANDS, NASTY, PARAMS, build_run
+from _report_fixtures import BANDS, NASTY, PARAMS, WARNING, build_run
 from crossdiff.report import tables
 from crossdiff.report.collect import collect
 from crossdiff.report.html import render_report
@@ -135,6 +135,11 @@ def _embedded(index: Path) -> str:
     text = index.read_text()
     start = text.index('id="latent-data">') + len('id="latent-data">')
     return text[start:text.index("</script>", start)]
+
+
+def test_autointerp_warning_is_a_banner_not_a_table_row(full):
+    text = full[3].read_text()
+    assert f'<p class="warning"><b>l1:</b> {WARNING}</p>' in text and text.count(WARNING) == 1
 
 
 def test_escaping_and_missing_pieces(tmp_path, full):

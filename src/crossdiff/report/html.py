@@ -108,7 +108,10 @@ def render_report(run: Run, out_dir: str | os.PathLike, max_latents: int, exampl
         kl_tables=tables.kl_tables(run.variants, params.get("causal", {}).get("first_tokens")),
         causal_rows=tables.side_by_side({v.name: v.causal for v in run.variants}),
         causal_figures=_figure_grid({v.name: v.causal_figures for v in run.variants}),
-        autointerp_rows=tables.side_by_side({v.name: v.autointerp for v in run.variants}),
+        autointerp_rows=tables.side_by_side({v.name: v.autointerp and {k: x for k, x in v.autointerp.items() if k != "warning"}
+                                             for v in run.variants}),
+        autointerp_warnings={v.name: v.autointerp["warning"] for v in run.variants
+                             if v.autointerp and v.autointerp.get("warning")},
         explained={v.name: tables.explained_rows(latent_tables.get(v.name)) for v in run.variants},
         comparison_rows=tables.side_by_side({"comparison": run.comparison}) if run.comparison else None,
         validate_rows=tables.side_by_side({"validate": run.validate}) if run.validate else None,
