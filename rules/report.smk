@@ -11,6 +11,7 @@ rule render_report:
         examples=expand(f"{AUTOINTERP}/{{variant}}/examples.parquet", variant=VARIANTS),
         scores=expand(f"{AUTOINTERP}/{{variant}}/scores.parquet", variant=VARIANTS),
         validate="results/validate/metrics.json",
+        behaviours=[f"results/validate/{PAIR}/behaviours.json"] if TOY else [],
     output:
         index=f"{REPORT}/index.html",
         latents=directory(f"{REPORT}/latents"),

@@ -177,6 +177,19 @@ def build_run(root: Path, pair: str = "toy", layer: int = 1, variants=("l1", "ba
         comp = root / f"results/analysis/{pair}/L{layer}/comparison"
         write_json(comp / "metrics.json", {"n_chat_only": {v: 1 for v in variants}})
         figure(comp / "figures" / "nu_threshold_curve.png", "Fig. 8")
-    if "validate" not in skip:
-        write_json(root / "results/validate/metrics.json", {"batchtopk": {"recall": 0.9}, "l1": {"recall": 0.7}})
+    if "validate" not in skip:  # the shape validate_synthetic / validate_behaviours write
+        val = {v: {"chat_only_set": {"n": 20 + i, "recall": 0.9 - i / 10, "precision": 0.5 + i / 10,
+                                     "composition": {"shrinkage": 3 + i, "decoupling_artefact": i}},
+                   "auroc_nu_eps_shrinkage_vs_chat_only": {"auroc": 0.95},
+                   "auroc_nu_r_decoupling_artefact_vs_chat_only": {"auroc": None},
+                   "robust_by_threshold": [{"pi": 0.1, "n": 9, "true_chat_only": 7 + i, "bait": i}]}
+               for i, v in enumerate(variants)}
+        truth["validate"] = val
+        write_json(root / "results/validate/metrics.json", {"variants": val})
+        figure(root / "results/validate/figures/nu_scatter.png", "ν by true kind")
+        beh = {v: {b: {"all_latents": {"latent": j, "auroc": 0.9 + j / 100},
+                       "chat_only": {"latent": j + 1, "auroc": 0.8}} for j, b in enumerate(("refusal", "joke"))}
+               for v in variants}
+        truth["behaviours"] = beh
+        write_json(root / f"results/validate/{pair}/behaviours.json", {"variants": beh})
     return truth

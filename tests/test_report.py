@@ -137,6 +137,27 @@ def _embedded(index: Path) -> str:
     return text[start:text.index("</script>", start)]
 
 
+def test_validation_summary_and_behaviours(full):
+    _, truth, run, index = full
+    names, rows = tables.validation_rows(run.validate)
+    assert names == list(VARIANTS)
+    row = dict(rows)
+    for i, v in enumerate(VARIANTS):
+        t = truth["validate"][v]
+        assert row["recall of true chat-only features (Δnorm chat-only set)"][i] == t["chat_only_set"]["recall"]
+        assert row["… of which shrinkage bait"][i] == t["chat_only_set"]["composition"]["shrinkage"]
+        assert row["AUROC ν^r: decoupling artefacts vs true chat-only"][i] is None  # none planted: no number
+        r = t["robust_by_threshold"][0]
+        assert row["robust at π = 0.1: true chat-only / bait"][i] == f"{r['true_chat_only']} / {r['bait']}"
+    names, rows = tables.behaviour_rows(run.behaviours)
+    assert names == [f"{v}: {pool}" for v in VARIANTS for pool in ("all", "chat-only")]
+    for b, values in rows:
+        t = [truth["behaviours"][v][b][pool] for v in VARIANTS for pool in ("all_latents", "chat_only")]
+        assert values == [f"{x['auroc']:.2f} (#{x['latent']})" for x in t]
+    text = index.read_text()
+    assert "Planted behaviours of the embedded pair" in text and 'alt="nu_scatter.png"' in text
+
+
 def test_autointerp_warning_is_a_banner_not_a_table_row(full):
     text = full[3].read_text()
     assert f'<p class="warning"><b>l1:</b> {WARNING}</p>' in text and text.count(WARNING) == 1

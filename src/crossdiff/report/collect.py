@@ -54,6 +54,8 @@ class Run:
     comparison: dict | None = None
     comparison_figures: list[Path] = field(default_factory=list)
     validate: dict | None = None
+    validate_figures: list[Path] = field(default_factory=list)
+    behaviours: dict | None = None
     missing: dict[str, str] = field(default_factory=dict)
 
 
@@ -135,4 +137,6 @@ def collect(root: str | Path, pair: str, layer: int, variants: list[str], params
     run.comparison = _read(comp / "metrics.json", read_json, run.missing, "comparison")
     run.comparison_figures = _figures(comp / "figures")
     run.validate = _read(root / "results/validate/metrics.json", read_json, run.missing, "validate")
+    run.validate_figures = _figures(root / "results/validate/figures")
+    run.behaviours = _read(root / f"results/validate/{pair}/behaviours.json", read_json, run.missing, "behaviours")
     return run

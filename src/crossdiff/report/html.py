@@ -115,6 +115,8 @@ def render_report(run: Run, out_dir: str | os.PathLike, max_latents: int, exampl
         explained={v.name: tables.explained_rows(latent_tables.get(v.name)) for v in run.variants},
         comparison_rows=tables.side_by_side({"comparison": run.comparison}) if run.comparison else None,
         validate_rows=tables.side_by_side({"validate": run.validate}) if run.validate else None,
+        validate_summary=tables.validation_rows(run.validate) if run.validate else None,
+        behaviour_table=tables.behaviour_rows(run.behaviours) if run.behaviours else None,
         table_data=_script_json(tables.table_json(latent_tables, {k: set(p) for k, p in pages.items()})),
         n_pages={k: len(p) for k, p in pages.items()},
         run_pages={k: set(p) for k, p in pages.items()},

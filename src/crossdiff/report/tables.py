@@ -312,3 +312,46 @@ def explained_rows(table: pl.DataFrame | None) -> list[dict]:
     sub = table.filter(pl.col("explanation").is_not_null() | pl.col("score").is_not_null())
     return sub.sort("score", descending=True, nulls_last=True).select(
         "latent", "klass", "score", "score_random", "nu_eps", "nu_r", "f_template", "explanation").to_dicts()
+
+
+# ------------------------------------------------------------------------------------ validation
+
+VALIDATION_ROWS = (  # (label, path into validate/metrics.json variants.{name})
+    ("recall of true chat-only features (Δnorm chat-only set)", ("chat_only_set", "recall")),
+    ("precision of the chat-only set", ("chat_only_set", "precision")),
+    ("chat-only set size", ("chat_only_set", "n")),
+    ("… of which shrinkage bait", ("chat_only_set", "composition", "shrinkage")),
+    ("… of which decoupling artefacts", ("chat_only_set", "composition", "decoupling_artefact")),
+    ("AUROC ν^ε: shrinkage bait vs true chat-only", ("auroc_nu_eps_shrinkage_vs_chat_only", "auroc")),
+    ("AUROC ν^r: decoupling artefacts vs true chat-only", ("auroc_nu_r_decoupling_artefact_vs_chat_only", "auroc")),
+    ("AUROC ν^r: decoupled-feature latents vs true chat-only", ("auroc_nu_r_decoupled_vs_chat_only", "auroc")),
+)
+
+
+def _dig(d: Any, path: Iterable[str]) -> Any:
+    for key in path:
+        d = d.get(key) if isinstance(d, dict) else None
+    return d
+
+
+def validation_rows(validate: dict) -> tuple[list[str], list[tuple[str, list[Any]]]]:
+    """Ground-truth scores per variant, the rows a reader needs first (the full metrics stay below)."""
+    variants = validate.get("variants", {})
+    names = list(variants)
+    rows = [(label, [_dig(variants[n], path) for n in names]) for label, path in VALIDATION_ROWS]
+    robust = [(variants[n].get("robust_by_threshold") or [None])[0] for n in names]  # the smallest π
+    pis = {r["pi"] for r in robust if r}
+    if len(pis) == 1:  # Fig. 8 on ground truth: true features kept vs bait kept
+        rows.append((f"robust at π = {pis.pop():g}: true chat-only / bait",
+                     [f"{r['true_chat_only']} / {r['bait']}" if r else None for r in robust]))
+    return names, rows
+
+
+def behaviour_rows(behaviours: dict) -> tuple[list[str], list[tuple[str, list[Any]]]]:
+    """Best single-latent AUROC per planted behaviour: over all latents and over the chat-only ones."""
+    variants = behaviours.get("variants", {})
+    cols = [(v, pool) for v in variants for pool in ("all_latents", "chat_only")]
+    names = [f"{v}: {'all' if pool == 'all_latents' else 'chat-only'}" for v, pool in cols]
+    labels = list(dict.fromkeys(b for v in variants.values() for b in v))
+    fmt = lambda r: None if not r or r.get("auroc") is None else f"{r['auroc']:.2f} (#{r['latent']})"  # noqa: E731
+    return names, [(b, [fmt(variants[v].get(b, {}).get(pool)) for v, pool in cols]) for b in labels]
