@@ -190,14 +190,15 @@ def latent_sets(table: pl.DataFrame, top_n: int | None = None) -> dict[str, np.n
     need = {"latent", "klass", "delta_norm", "rank_nu"} - set(table.columns)
     if need:
         raise ValueError(f"the latent table lacks columns {sorted(need)}")
+    by_delta_norm = lambda df: df.filter(pl.col("delta_norm").is_not_null()).sort(  # noqa: E731
+        ["delta_norm", "latent"], descending=[True, False])
     live = table.filter(~pl.col("dead").fill_null(False)) if "dead" in table.columns else table
     if top_n is None:
         chat = live.filter(pl.col("klass") == "chat_only")
-    else:
-        chat = live.filter(pl.col("delta_norm").is_not_null()).sort(["delta_norm", "latent"], descending=[True, False])
-        chat = latents.add_rank_nu(chat.head(top_n).drop("rank_nu"), pool=pl.lit(True))  # ν ranked within the pool
+    else:  # ν re-ranked within the pool
+        chat = latents.add_rank_nu(by_delta_norm(live).head(top_n).drop("rank_nu"), pool=pl.lit(True))
     ranked = {
-        "delta_norm": chat.filter(pl.col("delta_norm").is_not_null()).sort(["delta_norm", "latent"], descending=[True, False]),
+        "delta_norm": by_delta_norm(chat),
         "nu": chat.filter(pl.col("rank_nu").is_not_null()).sort(["rank_nu", "latent"]),
     }
     sets: dict[str, np.ndarray | None] = {}

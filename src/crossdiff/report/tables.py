@@ -316,29 +316,24 @@ def explained_rows(table: pl.DataFrame | None) -> list[dict]:
 
 # ------------------------------------------------------------------------------------ validation
 
-VALIDATION_ROWS = (  # (label, path into validate/metrics.json variants.{name})
-    ("recall of true chat-only features (Δnorm chat-only set)", ("chat_only_set", "recall")),
-    ("precision of the chat-only set", ("chat_only_set", "precision")),
-    ("chat-only set size", ("chat_only_set", "n")),
-    ("… of which shrinkage bait", ("chat_only_set", "composition", "shrinkage")),
-    ("… of which decoupling artefacts", ("chat_only_set", "composition", "decoupling_artefact")),
-    ("AUROC ν^ε: shrinkage bait vs true chat-only", ("auroc_nu_eps_shrinkage_vs_chat_only", "auroc")),
-    ("AUROC ν^r: decoupling artefacts vs true chat-only", ("auroc_nu_r_decoupling_artefact_vs_chat_only", "auroc")),
-    ("AUROC ν^r: decoupled-feature latents vs true chat-only", ("auroc_nu_r_decoupled_vs_chat_only", "auroc")),
+VALIDATION_ROWS = (  # (label, flattened key of validate/metrics.json variants.{name})
+    ("recall of true chat-only features (Δnorm chat-only set)", "chat_only_set/recall"),
+    ("precision of the chat-only set", "chat_only_set/precision"),
+    ("chat-only set size", "chat_only_set/n"),
+    ("… of which shrinkage bait", "chat_only_set/composition/shrinkage"),
+    ("… of which decoupling artefacts", "chat_only_set/composition/decoupling_artefact"),
+    ("AUROC ν^ε: shrinkage bait vs true chat-only", "auroc_nu_eps_shrinkage_vs_chat_only/auroc"),
+    ("AUROC ν^r: decoupling artefacts vs true chat-only", "auroc_nu_r_decoupling_artefact_vs_chat_only/auroc"),
+    ("AUROC ν^r: decoupled-feature latents vs true chat-only", "auroc_nu_r_decoupled_vs_chat_only/auroc"),
 )
-
-
-def _dig(d: Any, path: Iterable[str]) -> Any:
-    for key in path:
-        d = d.get(key) if isinstance(d, dict) else None
-    return d
 
 
 def validation_rows(validate: dict) -> tuple[list[str], list[tuple[str, list[Any]]]]:
     """Ground-truth scores per variant, the rows a reader needs first (the full metrics stay below)."""
     variants = validate.get("variants", {})
     names = list(variants)
-    rows = [(label, [_dig(variants[n], path) for n in names]) for label, path in VALIDATION_ROWS]
+    flat = [flatten(variants[n]) for n in names]
+    rows = [(label, [f.get(key) for f in flat]) for label, key in VALIDATION_ROWS]
     robust = [(variants[n].get("robust_by_threshold") or [None])[0] for n in names]  # the smallest π
     pis = {r["pi"] for r in robust if r}
     if len(pis) == 1:  # Fig. 8 on ground truth: true features kept vs bait kept

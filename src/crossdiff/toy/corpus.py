@@ -437,11 +437,7 @@ def _false_fact(rng):
 
 
 def _helpful(rng):
-    return _helpful_kind(rng)[1]
-
-
-def _helpful_kind(rng):
-    """(kind, (user, reply, answer)) with kind one of HELPFUL_KINDS."""
+    """(kind, (user, reply, answer)) with kind one of HELPFUL_KINDS (the other makers have one kind)."""
     r = rng.random()
     if r < 0.2:  # a factual question
         fact = _pick(rng, FACTS)
@@ -492,7 +488,7 @@ def _knowledge_boundary(rng):
 
 _MAKERS = {
     "refusal": _refusal, "false_fact_correction": _false_fact, "joke": _joke, "summarize": _summarize,
-    "rewrite": _rewrite, "personal": _personal, "knowledge_boundary": _knowledge_boundary, "helpful": _helpful,
+    "rewrite": _rewrite, "personal": _personal, "knowledge_boundary": _knowledge_boundary,
 }
 
 
@@ -504,10 +500,10 @@ def conversation(rng: random.Random, behaviour: str, multi_turn: bool) -> tuple[
     """
     msgs = []
     if multi_turn:
-        u, a, _ = _helpful(rng)
+        _, (u, a, _) = _helpful(rng)
         msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
     if behaviour == "helpful":
-        kind, (u, a, answer) = _helpful_kind(rng)
+        kind, (u, a, answer) = _helpful(rng)
     else:
         kind, (u, a, answer) = behaviour, _MAKERS[behaviour](rng)
     msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
