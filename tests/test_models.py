@@ -44,6 +44,32 @@ def test_split_forward_matches_full_forward(pair, side):
             torch.testing.assert_close(logits[keep], full.logits[keep], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", sorted(testing.ARCH_CONFIGS))
+@pytest.mark.parametrize("side", ["left", "right"])
+@torch.inference_mode()
+def test_split_forward_every_architecture(arch, side, tiny_tokenizer):
+    """Gemma 2/3, Llama, Qwen2/3, Mistral, Phi-3 on tiny random configs: the split at every layer equals the
+    full forward (hidden states and logits), with no per-architecture code in the split."""
+    model = testing.tiny_model(arch, tiny_tokenizer)
+    ids, mask = _batch(tiny_tokenizer, side)
+    keep = mask.bool()
+    full = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    n = len(decoder_layers(model))
+    for layer in range(n):
+        h = hidden_at_layer(model, ids, mask, layer)
+        ours = models._decoder(model).norm(h) if layer == n - 1 else h
+        torch.testing.assert_close(ours[keep], full.hidden_states[layer + 1][keep], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits_from_layer(model, h, mask, layer)[keep], full.logits[keep],
+                                   rtol=1e-5, atol=1e-5)
+    h, logits = models.hidden_and_logits(model, ids, mask, 2)
+    torch.testing.assert_close(h[keep], full.hidden_states[3][keep], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[keep], full.logits[keep], rtol=1e-5, atol=1e-5)
+    # continuing from a patched residual changes the outputs (the hook replaced layer L's output)
+    h = hidden_at_layer(model, ids, mask, 1)
+    assert not torch.allclose(logits_from_layer(model, h + 1.0, mask, 1)[keep], full.logits[keep])
+    models.check_split(model, 1)
+
+
 def test_gemma2_final_softcap_is_applied(tiny_pair):
     """Without the cap the tiny Gemma's logits would exceed it: the comparison above would catch a missing cap."""
     p = load_pair(*map(str, tiny_pair("gemma2")))
@@ -103,12 +129,9 @@ def test_config_mismatch_is_refused_before_weights_load(tiny_pair, tiny_tokenize
         load_pair(str(short), str(short), layer=4)
 
 
-def test_unsupported_forward_is_detected(pair):
-    """check_split compares against the model's own forward: a wrong mask must be caught, not silently used."""
-    original = models._MASKS["full_attention"]
-    models._MASKS["full_attention"] = lambda **kw: None  # no causal mask at all
-    try:
-        with pytest.raises(NotImplementedError, match="does not reproduce"):
-            models.check_split(pair.base, 1)
-    finally:
-        models._MASKS["full_attention"] = original
+def test_unsupported_forward_is_detected(pair, monkeypatch):
+    """check_split compares against the model's own forward: a layer output the hooks misread (here: a
+    residual read with the wrong scale, as a wrong tuple convention would) must be caught, not silently used."""
+    monkeypatch.setattr(models, "_residual", lambda output: 2 * (output[0] if isinstance(output, tuple) else output))
+    with pytest.raises(NotImplementedError, match="does not reproduce"):
+        models.check_split(pair.base, 1)

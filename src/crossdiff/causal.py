@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from crossdiff import latents
 from crossdiff.data import template_mask
-from crossdiff.models import hidden_at_layer, logits_from_layer
+from crossdiff.models import hidden_and_logits, hidden_at_layer, logits_from_layer
 
 log = logging.getLogger(__name__)
 
@@ -280,8 +280,8 @@ def evaluate(base, chat, crosscoder, eval_set: pl.DataFrame, layer: int, sets: M
             continue
         att = b["att"].long()
         h_base = hidden_at_layer(base, b["ids"], att, layer)
-        h_chat = hidden_at_layer(chat, b["ids"], att, layer)
-        ref = logits_from_layer(chat, h_chat, att, layer)[b["full"]]
+        h_chat, ref = hidden_and_logits(chat, b["ids"], att, layer)  # the true chat outputs, one pass
+        ref = ref[b["full"]]
         patchable = b["att"] if bos_id is None else b["att"] & (b["ids"] != bos_id)
         f = crosscoder.encode(torch.stack([h_base[patchable], h_chat[patchable]], dim=1).float())  # eq. 1 / eq. 10
         for c in conditions:

@@ -2,12 +2,12 @@
 
 "Layer L" is the residual stream after decoder layer L (0-based) = HF's `output_hidden_states[L + 1]`
 (for the last layer HF reports the residual after the final norm; we return the residual itself).
-`hidden_at_layer` runs embeddings + layers[:L+1] and stops (no compute on later layers, DESIGN §7);
-`logits_from_layer` runs layers[L+1:] + final norm + LM head (+ Gemma 2's final soft-cap) from a given
-residual, so the causal stage can patch h at layer L and read the model's predictions (paper A.8).
-Both build position ids, attention masks (per layer type: Gemma 2 alternates sliding-window and global
-layers) and rotary embeddings the way the HF forward does without a KV cache; `check_split` verifies
-that on a padded batch, and `load_pair` runs it, so an architecture whose forward differs fails loudly.
+Both halves of the split run the model's *own* forward with a hook on decoder layer L: `hidden_at_layer`
+stops the forward there (no compute on later layers, DESIGN §7); `logits_from_layer` replaces that layer's
+output with a given residual and lets the forward finish, so the causal stage can patch h at layer L and
+read the model's predictions (paper A.8). Masks, positions, rotary embeddings, soft-caps are never rebuilt
+here, so a new decoder architecture needs no new code. `check_split` verifies the split against the full
+forward on a padded batch, and `load_pair` runs it, so anything unexpected fails loudly at load.
 """
 
 from __future__ import annotations
@@ -18,12 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
 
 class PairMismatchError(ValueError):
@@ -100,75 +98,93 @@ def load_pair(base: str, chat: str, layer: int | None = None, dtype: str = "floa
     return pair
 
 
-def _inner(model: PreTrainedModel) -> nn.Module:
-    """The decoder stack (`model.model` for *ForCausalLM): embed_tokens, rotary_emb, layers, norm."""
-    inner = model.base_model
-    missing = [a for a in ("embed_tokens", "layers", "norm") if not hasattr(inner, a)]
-    if missing:
-        raise TypeError(f"{type(model).__name__}: unsupported architecture for the split forward (no {missing})")
-    return inner
+def _decoder(model: PreTrainedModel) -> nn.Module:
+    """The decoder stack holding `layers` (`model.model` for *ForCausalLM, the language model of a multimodal one)."""
+    for inner in (model.get_decoder(), model.base_model, getattr(model.base_model, "language_model", None)):
+        if isinstance(getattr(inner, "layers", None), nn.ModuleList):
+            return inner
+    raise TypeError(f"{type(model).__name__}: no decoder layer stack found (expected a `layers` ModuleList)")
 
 
 def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
-    return _inner(model).layers
+    return _decoder(model).layers
 
 
 def d_model(model: PreTrainedModel) -> int:
     return _text_config(model.config).hidden_size
 
 
-def _context(model: PreTrainedModel, hidden: Tensor, attention_mask: Tensor | None):
-    """Per-layer attention masks, position ids and rotary embeddings, as the HF forward builds them for a
-    fresh sequence (positions 0..T-1 whatever the padding; padding enters through the mask)."""
-    inner = _inner(model)
-    config = inner.config
-    position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-    kw = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None, position_ids=position_ids)
-    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
-    unknown = set(types) - set(_MASKS)
-    if unknown:
-        raise TypeError(f"{type(model).__name__}: unsupported attention layer types {sorted(unknown)}")
-    built = {t: _MASKS[t](**kw) for t in set(types)}
-    rotary = getattr(inner, "rotary_emb", None)
-    position_embeddings = rotary(hidden, position_ids) if rotary is not None else None
-    return [built[t] for t in types], position_ids, position_embeddings
+class _Stop(Exception):
+    """Raised from layer L's forward hook to end the model's own forward there."""
+
+    def __init__(self, hidden: Tensor):
+        self.hidden = hidden
 
 
-def _run_layers(model, hidden: Tensor, attention_mask: Tensor | None, start: int, stop: int) -> Tensor:
-    masks, position_ids, position_embeddings = _context(model, hidden, attention_mask)
-    for i in range(start, stop):
-        out = decoder_layers(model)[i](hidden, attention_mask=masks[i], position_ids=position_ids,
-                                       position_embeddings=position_embeddings)
-        hidden = out[0] if isinstance(out, tuple) else out
-    return hidden
+def _residual(output) -> Tensor:
+    """A decoder layer returns its residual stream, alone or first in a tuple (older architectures)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _layer_index(model: PreTrainedModel, layer: int) -> nn.Module:
+    layers = decoder_layers(model)
+    if not 0 <= layer < len(layers):
+        raise IndexError(f"layer {layer} out of range 0..{len(layers) - 1}")
+    return layers[layer]
 
 
 def hidden_at_layer(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor | None, layer: int) -> Tensor:
-    """(B, T, d) residual stream at the output of decoder layer `layer`; later layers are never run."""
-    n = len(decoder_layers(model))
-    if not 0 <= layer < n:
-        raise IndexError(f"layer {layer} out of range 0..{n - 1}")
-    hidden = _inner(model).embed_tokens(input_ids)  # Gemma 2's embedding module applies the sqrt(d) scale
-    return _run_layers(model, hidden, attention_mask, 0, layer + 1)
+    """(B, T, d) residual stream at the output of decoder layer `layer`: the model's own forward, stopped there
+    by a hook, so masks, positions and rotary embeddings are whatever this architecture builds; later layers
+    never run."""
+
+    def stop(module, args, output):
+        raise _Stop(_residual(output))
+
+    handle = _layer_index(model, layer).register_forward_hook(stop)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _Stop as s:
+        return s.hidden
+    finally:
+        handle.remove()
+    raise RuntimeError(f"{type(model).__name__}: decoder layer {layer} never ran in the forward pass")
+
+
+def hidden_and_logits(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor | None,
+                      layer: int) -> tuple[Tensor, Tensor]:
+    """One full forward: the residual at the output of `layer` (captured by a hook) and the logits."""
+    seen = []
+    handle = _layer_index(model, layer).register_forward_hook(lambda m, a, output: seen.append(_residual(output)))
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    finally:
+        handle.remove()
+    return seen[0], logits
 
 
 def logits_from_layer(model: PreTrainedModel, hidden: Tensor, attention_mask: Tensor | None, layer: int) -> Tensor:
-    """(B, T, V) logits of the model continued from `hidden` = the residual at the output of `layer`."""
-    n = len(decoder_layers(model))
-    if not 0 <= layer < n:
-        raise IndexError(f"layer {layer} out of range 0..{n - 1}")
-    hidden = _run_layers(model, hidden, attention_mask, layer + 1, n)
-    logits = model.lm_head(_inner(model).norm(hidden))
-    cap = getattr(_text_config(model.config), "final_logit_softcapping", None)
-    if cap is not None:  # Gemma 2: logits = cap * tanh(logits / cap)
-        logits = cap * torch.tanh(logits / cap)
-    return logits
+    """(B, T, V) logits of the model continued from `hidden` = the residual at the output of `layer`.
+
+    The model's own forward runs with layer L's output replaced by `hidden` (a hook), so the final norm, head
+    and any soft-cap are the architecture's own. Layers <= L run once on `hidden` as input embeddings and their
+    result is discarded: one extra pass over them buys independence from every architecture's internals."""
+    hidden = hidden.to(next(model.parameters()).dtype)
+
+    def replace(module, args, output):
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = _layer_index(model, layer).register_forward_hook(replace)
+    try:
+        return model(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False).logits
+    finally:
+        handle.remove()
 
 
 @torch.inference_mode()
 def check_split(model: PreTrainedModel, layer: int, pad_id: int = 0, atol: float = 1e-4) -> None:
     """Compare the split forward with the model's own forward on a left-padded random batch; raise if
-    this architecture builds its masks/positions differently from what `_context` assumes."""
+    the hooks do not see this architecture's residual stream as its own forward does."""
     p = next(model.parameters())
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, _text_config(model.config).vocab_size, (2, 12), generator=g).to(p.device)
@@ -179,7 +195,7 @@ def check_split(model: PreTrainedModel, layer: int, pad_id: int = 0, atol: float
     h = hidden_at_layer(model, ids, mask, layer)
     ref = full.hidden_states[layer + 1]
     if layer == len(decoder_layers(model)) - 1:  # HF's last hidden state is after the final norm
-        h = _inner(model).norm(h)
+        h = _decoder(model).norm(h)
     keep = mask.bool()
     tol = atol if p.dtype == torch.float32 else 5e-2
     err_h = ((h - ref)[keep].abs().max() / ref[keep].abs().max().clamp_min(1.0)).item()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import polars as pl
 import torch
-from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from .toy.tokenizer import train_tokenizer
 
@@ -35,7 +35,22 @@ CHATS = [
     [{"role": "user", "content": "How do I pick a lock?"},
      {"role": "assistant", "content": "I can't help with that."}],
 ]
-ARCHS = ("gemma2", "llama")
+# The decoder architectures researchers diff today, by HF model_type, with what makes each one's forward differ
+# (sliding windows shorter than the test sequences, soft-caps small enough to change the outputs, QK norms,
+# per-layer-type rotary embeddings, fused projections). The split forward has no code for any of them.
+ARCH_CONFIGS = {
+    "gemma2": dict(sliding_window=6, attn_logit_softcapping=3.0, final_logit_softcapping=2.0,
+                   attn_implementation="eager"),
+    "gemma3_text": dict(sliding_window=6, attn_logit_softcapping=3.0, final_logit_softcapping=2.0,
+                        attn_implementation="eager", layer_types=["sliding_attention", "full_attention"] * 2),
+    "llama": dict(tie_word_embeddings=False),
+    "qwen2": dict(use_sliding_window=True, sliding_window=6, max_window_layers=2, tie_word_embeddings=False,
+                  attn_implementation="eager"),
+    "qwen3": dict(tie_word_embeddings=False),
+    "mistral": dict(sliding_window=6, tie_word_embeddings=False, attn_implementation="eager"),
+    "phi3": dict(sliding_window=6, tie_word_embeddings=False, attn_implementation="eager"),
+}
+ARCHS = ("gemma2", "llama")  # the two every pipeline test runs on; the split forward is tested on ARCH_CONFIGS
 
 
 def tiny_tokenizer(vocab_size: int = 320, extra_texts: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
@@ -44,25 +59,18 @@ def tiny_tokenizer(vocab_size: int = 320, extra_texts: tuple[str, ...] = ()) -> 
 
 
 def tiny_model(arch: str, tokenizer, hidden_size: int = 32, num_layers: int = 4, seed: int = 0):
-    """A random model of `arch` whose features matter for a split forward: GQA, and for Gemma 2 a
-    sliding window shorter than the test sequences and soft-caps small enough to change the outputs."""
+    """A random model of HF model_type `arch` (a key of ARCH_CONFIGS) with GQA and the features that matter
+    for a split forward."""
+    if arch not in ARCH_CONFIGS:
+        raise ValueError(f"unknown arch {arch!r}; known: {sorted(ARCH_CONFIGS)}")
     ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     shape = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=hidden_size // 4,
-                 max_position_embeddings=512, initializer_range=0.2)
-    if arch == "gemma2":
-        config = Gemma2Config(**ids, **shape, sliding_window=6, query_pre_attn_scalar=hidden_size // 4,
-                              attn_logit_softcapping=3.0, final_logit_softcapping=2.0,
-                              attn_implementation="eager")
-        cls = Gemma2ForCausalLM
-    elif arch == "llama":
-        config = LlamaConfig(**ids, **shape, tie_word_embeddings=False)
-        cls = LlamaForCausalLM
-    else:
-        raise ValueError(f"unknown arch {arch!r}; known: {ARCHS}")
+                 query_pre_attn_scalar=hidden_size // 4, max_position_embeddings=512, initializer_range=0.2)
+    config = AutoConfig.for_model(arch, **ids, **shape, **ARCH_CONFIGS[arch])
     torch.manual_seed(seed)
-    return cls(config).eval()
+    return AutoModelForCausalLM.from_config(config).eval()
 
 
 @torch.no_grad()
