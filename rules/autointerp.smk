@@ -1,5 +1,6 @@
 # Stage 6: autointerp (paper A.10): activating examples per tercile, LLM explanations, detection
-# scores against MiniLM-similar and random non-activating windows.
+# scores against MiniLM-similar and random non-activating windows; on the embedded pair, explanations
+# are also checked against the planted behaviours their latents detect (validate_behaviours).
 
 
 rule collect_examples:
@@ -27,6 +28,7 @@ rule explain_and_score:
     input:
         MODEL_INPUTS,
         examples=f"{AUTOINTERP}/{{variant}}/examples.parquet",
+        behaviours=[f"results/validate/{PAIR}/behaviours.json"] if TOY else [],
     output:
         explanations=f"{AUTOINTERP}/{{variant}}/explanations.jsonl",
         scores=f"{AUTOINTERP}/{{variant}}/scores.parquet",
@@ -36,6 +38,7 @@ rule explain_and_score:
         chat_model=lambda w: CHAT_MODEL,
         p=params_of("explain_and_score"),
         cache=f"results/llm_cache/{PAIR}",
+        behaviours=lambda w, input: f"--behaviours {input.behaviours} --variant {w.variant}" if TOY else "",
     log:
         log_of("explain_and_score", "-{variant}"),
     threads: workflow.cores
@@ -45,7 +48,8 @@ rule explain_and_score:
         ENV
     shell:
         "python workflow_scripts/explain_and_score.py --params {params.p:q} --examples {input.examples}"
-        " --serve-model {params.chat_model:q} --cache {params.cache} --out {params.autointerp}/{wildcards.variant} 2>&1 | tee {log}"
+        " --serve-model {params.chat_model:q} --cache {params.cache} --out {params.autointerp}/{wildcards.variant}"
+        " {params.behaviours} 2>&1 | tee {log}"
 
 
 rule autointerp:

@@ -16,8 +16,9 @@ from sklearn.metrics import balanced_accuracy_score
 
 from crossdiff import testing
 from crossdiff.autointerp import examples as ex
-from crossdiff.autointerp import negatives, pipeline, prompts, scoring, server
+from crossdiff.autointerp import constrain, ground_truth, negatives, pipeline, prompts, scoring, server
 from crossdiff.autointerp.client import EndpointError, LLMClient
+from crossdiff.autointerp.constrain import Constraint
 
 ROOT = Path(__file__).resolve().parents[1]
 WINDOW, N_EXPLAIN, N_SCORE = 8, 2, 2
@@ -244,6 +245,14 @@ def test_explainer_and_scorer_messages():
     assert prompts.prompt_hash(msgs) == prompts.prompt_hash(prompts.explainer_messages([(["a", "b"], [0, 1]), (["c"], [2])]))
     with pytest.raises(ValueError):
         prompts.explainer_messages([])
+    # each answer style asks for the shape its server-side constraint enforces
+    assert '{"reasoning"' in prompts.explainer_messages([(["a"], [1])], "json")[0]["content"]
+    line = prompts.explainer_messages([(["a"], [1])], "constrained")[0]["content"]
+    assert "one line only" in line and prompts.EXPLANATION_TAG not in line
+    assert "exactly 4 digits" in prompts.scorer_messages("x", [["a"]] * 4, "constrained")[0]["content"]
+    assert '{"labels"' in prompts.scorer_messages("x", [["a"]] * 4, "json")[0]["content"]
+    with pytest.raises(ValueError, match="answer style"):
+        prompts.scorer_messages("x", [["a"]], "regex")
 
 
 @pytest.mark.parametrize("response,expected", [
@@ -254,9 +263,19 @@ def test_explainer_and_scorer_messages():
     ("**Explanation:** Questions about the model itself", "Questions about the model itself"),
     ("I don't know.", None),
     ("", None),
+    ('```json\n{"reasoning": "all refuse", "explanation": "Refusals of harmful requests"}\n```', "Refusals of harmful requests"),
+    ('{"reasoning": "?", "explanation": ""}', None),
 ])
 def test_parse_explanation(response, expected):
     assert prompts.parse_explanation(response) == expected
+
+
+def test_parse_one_line_explanation():
+    """The `constrained` style asks for nothing but the explanation: the first line is the answer."""
+    assert prompts.parse_explanation(" \"Jokes about animals\" ", one_line=True) == "Jokes about animals"
+    assert prompts.parse_explanation("[EXPLANATION]: greetings", one_line=True) == "greetings"
+    assert prompts.parse_explanation("  \n", one_line=True) is None
+    assert prompts.parse_explanation("Jokes about animals") is None  # free style: the tag is required
 
 
 @pytest.mark.parametrize("response,n,expected", [
@@ -266,7 +285,12 @@ def test_parse_explanation(response, expected):
     ("<think>[0,0,0]</think>[1,1,1]", 3, [1, 1, 1]),
     ("[1, 0]", 3, None),  # wrong length is no answer
     ("[1, 2, 0]", 3, None),
-    ("1 0 1", 3, None),
+    ("101", 3, [1, 0, 1]),  # the logit_bias answer: nothing but n digits
+    ("1 0 1", 3, [1, 0, 1]),
+    ("1011", 3, None),
+    ("labels: 101", 3, None),
+    ('{"labels": [0, 1, 1]}', 3, [0, 1, 1]),  # the json_schema answer
+    ('{"labels": [0, 1]} and [1, 1, 1]', 3, [1, 1, 1]),  # a wrong-length JSON answer falls back to a list
 ])
 def test_parse_labels(response, n, expected):
     assert prompts.parse_labels(response, n) == expected
@@ -298,6 +322,70 @@ def test_latent_scores_and_summary():
     assert m["chat_only"]["ba_similar"] == pytest.approx(0.5) and m["shared"]["n"] == 1 and m["unparsed_fraction"] == 0
 
 
+# ---------------------------------------------------------------- constrained outputs
+
+def test_constraint_modes_and_request_extras(tiny_tokenizer):
+    assert constrain.resolve("auto", local_server=True) == "logit_bias"
+    assert constrain.resolve("auto", local_server=False) == "json_schema"
+    with pytest.raises(ValueError, match="only works with the local server"):
+        constrain.resolve("logit_bias", local_server=False)
+    with pytest.raises(ValueError, match="autointerp.constrain"):
+        constrain.resolve("grammar", local_server=True)
+
+    ids = constrain.label_token_ids(tiny_tokenizer)
+    assert all(tiny_tokenizer.decode([i]) == label for label, xs in ids.items() for i in xs) and all(ids.values())
+    c = Constraint("logit_bias", ids)
+    extra = c.score_extras(7)
+    assert extra["max_tokens"] == 7 and set(extra["logit_bias"]) == {str(i) for xs in ids.values() for i in xs}
+    assert all(isinstance(b, float) for b in extra["logit_bias"].values())  # transformers serve rejects ints
+    assert c.explain_extras() == {"stop": ["\n"]} and c.style == "constrained"
+
+    j = Constraint("json_schema")
+    schema = j.score_extras(5)["response_format"]["json_schema"]["schema"]
+    labels = schema["properties"]["labels"]
+    assert labels["minItems"] == labels["maxItems"] == 5 and labels["items"]["enum"] == [0, 1]
+    assert j.explain_extras()["response_format"]["json_schema"]["schema"]["required"] == ["reasoning", "explanation"]
+    assert Constraint("none").score_extras(3) == {} and Constraint("none").style == "free"
+
+
+# ---------------------------------------------------------------- ground truth: explanations vs planted behaviours
+
+def test_behaviour_latents_keeps_best_latents_above_threshold():
+    per_behaviour = {
+        "refusal": {"all_latents": {"latent": 5, "auroc": 0.97}, "chat_only": {"latent": 5, "auroc": 0.97},
+                    "robust_chat_only": [{"pi": 0.3, "latent": 9, "auroc": 0.91}]},
+        "joke": {"all_latents": {"latent": 5, "auroc": 0.99}, "chat_only": {"latent": 2, "auroc": 0.6},
+                 "robust_chat_only": [{"pi": 0.3, "latent": None, "auroc": float("nan")}]},
+    }
+    truth = ground_truth.behaviour_latents(per_behaviour, 0.9)
+    assert truth == {5: ("joke", 0.99), 9: ("refusal", 0.91)}  # 5 keeps its best behaviour; 2 is below 0.9
+
+
+def test_explanation_accuracy_maps_explanations_to_their_behaviour():
+    from crossdiff.toy.corpus import BEHAVIOURS, DESCRIPTIONS
+
+    assert set(DESCRIPTIONS) == set(BEHAVIOURS)
+    truth = {1: ("refusal", 0.95), 2: ("joke", 0.92), 3: ("knowledge_boundary", 0.99), 4: ("refusal", 0.9),
+             5: ("summarize", 0.93)}
+    explanations = [
+        {"latent": 1, "klass": "chat_only", "explanation": "The assistant declines to help and says sorry it can't assist with a dangerous request"},
+        {"latent": 2, "klass": "chat_only", "explanation": "funny jokes and laughing at humour"},
+        {"latent": 3, "klass": "chat_only", "explanation": "questions about today's weather, news and live information"},
+        {"latent": 4, "klass": "chat_only", "explanation": None},  # unparsed: names nothing, counts wrong
+        {"latent": 5, "klass": "shared", "explanation": "the word 'the'"},
+        {"latent": 6, "klass": "shared", "explanation": "refusals"},  # no known behaviour: not counted
+    ]
+    r = ground_truth.explanation_accuracy(explanations, truth, DESCRIPTIONS)
+    rows = {row["latent"]: row for row in r["latents"]}
+    assert set(rows) == {1, 2, 3, 4, 5} and r["n"] == 5
+    assert rows[1]["predicted"] == "refusal" and rows[2]["predicted"] == "joke"
+    assert rows[3]["predicted"] == "knowledge_boundary" and rows[4]["predicted"] is None
+    assert r["n_correct"] == sum(row["correct"] for row in rows.values()) >= 3
+    assert r["accuracy"] == r["n_correct"] / 5 and r["chance"] == 1 / len(BEHAVIOURS)
+    with pytest.raises(ValueError, match="description"):
+        ground_truth.explanation_accuracy(explanations, {1: ("sarcasm", 0.99)}, DESCRIPTIONS)
+
+
 # ---------------------------------------------------------------- real server, real client, resume from cache
 
 def test_server_refuses_a_non_model_dir(tmp_path):
@@ -309,7 +397,7 @@ def test_server_refuses_a_non_model_dir(tmp_path):
 def test_explain_and_score_resumes_from_cache_after_server_killed(tmp_path, tiny_pair, examples):
     _, chat = tiny_pair("gemma2")
     examples = examples.filter(pl.col("latent") == 11)
-    ai = {"seed": 0, "score_batch": 6, "max_tokens": 4, "temperature": 0.0,
+    ai = {"seed": 0, "score_batch": 6, "max_tokens": 4, "temperature": 0.0, "constrain": "auto", "behaviour_auroc": 0.9,
           "endpoint": {"base_url": "", "model": "", "api_key_env": "CROSSDIFF_TEST_KEY", "concurrency": 1,
                        "timeout_s": 60, "retries": 1}}
     n_calls = 1 + -(-examples.filter(pl.col("split") != "explain").height // ai["score_batch"])
@@ -334,10 +422,14 @@ def test_explain_and_score_resumes_from_cache_after_server_killed(tmp_path, tiny
     # Run 2: the workflow script, as the rule runs it; only the missing calls reach the (new) server.
     out = tmp_path / "out"
     examples.write_parquet(tmp_path / "examples.parquet")
+    behaviours = {"variants": {"l1": {"refusal": {"all_latents": {"latent": 11, "auroc": 0.95}},
+                                      "joke": {"all_latents": {"latent": 3, "auroc": 0.99}}}}}
+    (tmp_path / "behaviours.json").write_text(json.dumps(behaviours))
     r = subprocess.run([sys.executable, "workflow_scripts/explain_and_score.py",
                         "--params", json.dumps({"autointerp": ai, "models": {"dtype": "float32"}}),
                         "--examples", str(tmp_path / "examples.parquet"), "--serve-model", str(chat),
-                        "--cache", str(cache), "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+                        "--cache", str(cache), "--out", str(out), "--behaviours", str(tmp_path / "behaviours.json"),
+                        "--variant", "l1"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     log = (cache / "server.log").read_text()
     assert log.count(server.COMPLETIONS_ROUTE) == n_calls  # run 1's answers + the rest in run 2: none repeated
@@ -350,10 +442,23 @@ def test_explain_and_score_resumes_from_cache_after_server_killed(tmp_path, tiny
     assert [e["latent"] for e in expl] == [11] and isinstance(expl[0]["response"], str)
     assert "CROSSDIFF_TEST_KEY" not in r.stderr
 
+    # The local server honoured the constraint: every scorer answer is n digits 0/1, so all of them parse
+    # (the toy chat model cannot follow the prompt unaided), and the run records its mode and parse rates.
+    assert metrics["constraint"]["mode"] == "logit_bias" and metrics["parse_rate_score"] == 1.0
+    assert metrics["unparsed_fraction"] == 0 and 0 <= metrics["parse_rate"] <= 1 and metrics["stage_wall_s"] > 0
+    stored = [json.loads(p.read_text()) for p in cache.glob("*/*.json")]
+    scorer = [x for x in stored if "logit_bias" in x["request"]]
+    assert len(scorer) == n_calls - 1 and all(x["request"]["stop"] == ["\n"] for x in stored if x not in scorer)
+    for x in scorer:
+        assert len(x["content"]) == x["request"]["max_tokens"] and set(x["content"]) <= {"0", "1"}
+    gt = metrics["ground_truth"]  # latent 11 detects refusal at AUROC 0.95 in the behaviours file
+    assert gt["n"] == 1 and gt["latents"][0]["behaviour"] == "refusal" and gt["chance"] == 1 / 8
+
     # Run 3: everything cached, so no endpoint is needed at all (this port has no server).
     dead = LLMClient(f"http://127.0.0.1:{server.free_port()}/v1", str(chat), cache, retries=0,
                      max_tokens=ai["max_tokens"], temperature=0.0)
-    _, scores3, m3 = pipeline.explain_and_score(examples, dead, ai)
+    _, scores3, m3 = pipeline.explain_and_score(examples, dead, ai,
+                                                constraint=Constraint.build("logit_bias", True, str(chat)))
     assert (dead.hits, dead.misses) == (n_calls, 0) and scores3.equals(scores)
 
 
@@ -399,3 +504,72 @@ def test_client_retries_429_and_5xx_then_fails_naming_the_endpoint(tmp_path):
         httpd.server_close()
     with pytest.raises(EndpointError, match=f"{url}.*still failing after 2 attempts"):
         LLMClient(url, "m", tmp_path / "c2", retries=1, backoff_s=0.01, timeout_s=2).complete(msgs)
+
+
+def _loopback_endpoint(answer):
+    """A loopback OpenAI-compatible endpoint answering each request body with `answer(body)`."""
+    import http.server
+    import threading
+
+    bodies = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            bodies.append(body)
+            data = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                               "choices": [{"index": 0, "finish_reason": "stop",
+                                            "message": {"role": "assistant", "content": answer(body)}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}/v1", bodies
+
+
+def test_json_schema_mode_on_an_endpoint_that_enforces_it(tmp_path, examples):
+    """A configured endpoint gets `response_format` json_schema (auto); answers in that shape all parse."""
+    def answer(body):
+        schema = body["response_format"]["json_schema"]["schema"]
+        if "labels" in schema["properties"]:  # what a server enforcing the schema must produce
+            n = schema["properties"]["labels"]["minItems"]
+            return json.dumps({"labels": [i % 2 for i in range(n)]})
+        return json.dumps({"reasoning": "all mention copper", "explanation": "Mentions of copper"})
+
+    httpd, url, bodies = _loopback_endpoint(answer)
+    ai = {"seed": 0, "score_batch": 5, "max_tokens": 50, "temperature": 0.0, "constrain": "auto",
+          "endpoint": {"base_url": url, "model": "m", "api_key_env": "", "concurrency": 2, "timeout_s": 10, "retries": 0}}
+    try:
+        with pipeline.open_endpoint(ai, tmp_path) as client:
+            expl, scores, m = pipeline.explain_and_score(examples, client, ai)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert m["constraint"]["mode"] == "json_schema" and m["parse_rate"] == 1.0 and m["unparsed_fraction"] == 0
+    assert all(e["explanation"] == "Mentions of copper" for e in expl)
+    assert len(bodies) == len(expl) + sum(-(-g.height // 5) for _, g in
+                                          examples.filter(pl.col("split") != "explain").group_by("latent"))
+    assert all(b["response_format"]["type"] == "json_schema" and b["response_format"]["json_schema"]["strict"]
+               for b in bodies)
+
+
+def test_json_schema_request_on_transformers_serve_falls_back_to_parsing(tmp_path, tiny_pair, examples):
+    """transformers serve (5.x) ignores response_format: the request still succeeds, its answers go
+    through the robust parser, and metrics.json says which mode ran and how much of it parsed."""
+    _, chat = tiny_pair("gemma2")
+    examples = examples.filter(pl.col("latent") == 11)
+    ai = {"seed": 0, "score_batch": 12, "max_tokens": 4, "temperature": 0.0, "constrain": "json_schema",
+          "endpoint": {"base_url": "", "model": "", "api_key_env": "", "concurrency": 1, "timeout_s": 60, "retries": 0}}
+    with pipeline.open_endpoint(ai, tmp_path, serve_model=str(chat), dtype="float32") as client:
+        expl, scores, m = pipeline.explain_and_score(examples, client, ai)
+        log = client.server.log_tail(200)
+    assert m["constraint"]["mode"] == "json_schema" and 0 <= m["parse_rate_score"] <= 1
+    assert client.misses == 1 + -(-examples.filter(pl.col("split") != "explain").height // 12)
+    assert "response_format" in log  # "Ignoring unsupported fields in the request: {'response_format'}"

@@ -81,20 +81,21 @@ class LLMClient:
         self.hits = self.misses = 0
         self.server = None  # set by pipeline.open_endpoint when this run started a local server
 
-    def payload(self, messages: Messages) -> dict:
+    def payload(self, messages: Messages, extra: dict | None = None) -> dict:
+        """The request body; `extra` adds or overrides fields (response_format, logit_bias, stop, max_tokens)."""
         return {"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
-                "temperature": self.temperature}
+                "temperature": self.temperature, **(extra or {})}
 
     def _path(self, key: str) -> Path:
         return self.cache_dir / key[:2] / f"{key}.json"
 
-    def cached(self, messages: Messages) -> str | None:
-        path = self._path(request_key(self.payload(messages)))
+    def cached(self, messages: Messages, extra: dict | None = None) -> str | None:
+        path = self._path(request_key(self.payload(messages, extra)))
         return json.loads(path.read_text())["content"] if path.exists() else None
 
-    def complete(self, messages: Messages) -> str:
+    def complete(self, messages: Messages, extra: dict | None = None) -> str:
         """The assistant message for `messages`: from the cache, else from the endpoint (then cached)."""
-        payload = self.payload(messages)
+        payload = self.payload(messages, extra)
         key = request_key(payload)
         path = self._path(key)
         if path.exists():
@@ -130,15 +131,18 @@ class LLMClient:
         raise AssertionError("unreachable")
 
     def complete_many(self, requests: Sequence[Messages], desc: str = "LLM calls",
-                      on_result: Callable[[int, str], None] | None = None) -> list[str]:
-        """Complete all `requests` with at most `concurrency` in flight; results in request order.
+                      on_result: Callable[[int, str], None] | None = None,
+                      extras: Sequence[dict | None] | None = None) -> list[str]:
+        """Complete all `requests` (with `extras[i]` added to request i) with at most `concurrency` in
+        flight; results in request order.
 
         The first failure cancels what has not started and is raised; everything answered before it
         is already in the cache. `on_result(i, content)` is called as each answer arrives.
         """
         results: list[str | None] = [None] * len(requests)
         with ThreadPoolExecutor(self.concurrency) as pool, tqdm(total=len(requests), desc=desc) as bar:
-            futures = {pool.submit(self.complete, m): i for i, m in enumerate(requests)}
+            extras = extras if extras is not None else [None] * len(requests)
+            futures = {pool.submit(self.complete, m, x): i for i, (m, x) in enumerate(zip(requests, extras))}
             pending = set(futures)
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)

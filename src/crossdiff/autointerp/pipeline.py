@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -17,6 +19,7 @@ import polars as pl
 
 from . import prompts, scoring, server
 from .client import LLMClient, api_key_from_env
+from .constrain import Constraint
 
 log = logging.getLogger(__name__)
 
@@ -48,38 +51,54 @@ def _rng(seed: int, latent: int) -> np.random.Generator:
     return np.random.default_rng([seed, latent])
 
 
-def explain(client: LLMClient, examples: pl.DataFrame, seed: int,
+def constraint_for(params: dict, client: LLMClient) -> Constraint:
+    """`autointerp.constrain` resolved for this client (logit_bias needs the local server's tokenizer)."""
+    srv = client.server
+    return Constraint.build(params["constrain"], local_server=srv is not None,
+                            tokenizer_path=srv.model if srv is not None else None)
+
+
+def explain(client: LLMClient, examples: pl.DataFrame, seed: int, constraint: Constraint,
             on_result: Callable[[int, str], None] | None = None) -> list[dict]:
     """One explainer call per latent on its explain windows (shuffled, activating tokens marked)."""
     records, requests = [], []
     for (latent,), ex in examples.filter(pl.col("split") == "explain").group_by("latent", maintain_order=True):
         ex = ex[_rng(seed, latent).permutation(ex.height).tolist()]
-        messages = prompts.explainer_messages(list(zip(ex["tokens"].to_list(), ex["acts"].to_list())))
+        messages = prompts.explainer_messages(list(zip(ex["tokens"].to_list(), ex["acts"].to_list())), constraint.style)
         records.append({"latent": latent, "klass": ex["klass"][0], "prompt_hash": prompts.prompt_hash(messages)})
         requests.append(messages)
-    for rec, response in zip(records, client.complete_many(requests, "explain", on_result)):
-        rec["explanation"] = prompts.parse_explanation(response)
+    extras = [constraint.explain_extras()] * len(requests)
+    for rec, response in zip(records, client.complete_many(requests, "explain", on_result, extras)):
+        rec["explanation"] = prompts.parse_explanation(response, one_line=constraint.style == "constrained")
         rec["parsed"] = rec["explanation"] is not None
         rec["response"] = response
         rec["model"] = client.model
+        rec["constraint"] = constraint.mode
     n_ok = sum(r["parsed"] for r in records)
     log.info("explanations parsed for %d/%d latents", n_ok, len(records))
     return records
 
 
 def score(client: LLMClient, examples: pl.DataFrame, explanations: list[dict], batch: int, seed: int,
-          on_result: Callable[[int, str], None] | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Detection scoring of every explained latent. Returns (per-latent scores, per-excerpt predictions)."""
-    chunks, requests = [], []
+          constraint: Constraint, on_result: Callable[[int, str], None] | None = None
+          ) -> tuple[pl.DataFrame, pl.DataFrame, list[bool]]:
+    """Detection scoring of every explained latent.
+
+    Returns (per-latent scores, per-excerpt predictions, whether each scorer answer parsed).
+    """
+    chunks, requests, extras = [], [], []
     for rec in explanations:
         ex = examples.filter(pl.col("latent") == rec["latent"])
         description = rec["explanation"] or ""
         for chunk in scoring.scoring_batches(ex, batch, seed + rec["latent"]):
             chunks.append(chunk)
-            requests.append(prompts.scorer_messages(description, chunk["tokens"].to_list()))
-    preds = []
-    for chunk, response in zip(chunks, client.complete_many(requests, "score", on_result)):
-        labels = prompts.parse_labels(response, chunk.height) or [scoring.UNPARSED] * chunk.height
+            requests.append(prompts.scorer_messages(description, chunk["tokens"].to_list(), constraint.style))
+            extras.append(constraint.score_extras(chunk.height))
+    preds, parsed = [], []
+    for chunk, response in zip(chunks, client.complete_many(requests, "score", on_result, extras)):
+        labels = prompts.parse_labels(response, chunk.height)
+        parsed.append(labels is not None)
+        labels = labels or [scoring.UNPARSED] * chunk.height
         preds.append(chunk.select("latent", "klass", "split", "tercile", "window").with_columns(
             pred=pl.Series(labels, dtype=pl.Int8)))
     schema = {"latent": pl.Int64, "klass": pl.Utf8, "split": pl.Utf8, "tercile": pl.Int8, "window": pl.Int64,
@@ -89,18 +108,30 @@ def score(client: LLMClient, examples: pl.DataFrame, explanations: list[dict], b
     for rec in explanations:
         mine = preds.filter(pl.col("latent") == rec["latent"])
         rows.append({"latent": rec["latent"], "klass": rec["klass"], **scoring.latent_scores(mine)})
-    return pl.DataFrame(rows), preds
+    return pl.DataFrame(rows), preds, parsed
 
 
 def explain_and_score(examples: pl.DataFrame, client: LLMClient, params: dict,
-                      on_result: Callable[[int, str], None] | None = None) -> tuple[list[dict], pl.DataFrame, dict]:
+                      on_result: Callable[[int, str], None] | None = None,
+                      constraint: Constraint | None = None) -> tuple[list[dict], pl.DataFrame, dict]:
     """(explanations, scores, metrics) for every latent in `examples`."""
     if examples.is_empty():
         raise ValueError("examples table is empty: no latent had activating windows")
-    explanations = explain(client, examples, params["seed"], on_result)
-    scores, _ = score(client, examples, explanations, params["score_batch"], params["seed"], on_result)
+    t0 = time.perf_counter()
+    constraint = constraint or constraint_for(params, client)
+    log.info("constrained outputs: %s", constraint.describe())
+    explanations = explain(client, examples, params["seed"], constraint, on_result)
+    scores, _, parsed = score(client, examples, explanations, params["score_batch"], params["seed"], constraint,
+                              on_result)
     metrics = scoring.summarise(scores)
+    n_explained = sum(r["parsed"] for r in explanations)
+    n_answers = len(explanations) + len(parsed)
+    metrics["parse_rate"] = (n_explained + sum(parsed)) / n_answers if n_answers else math.nan  # all LLM answers
+    metrics["parse_rate_explain"] = n_explained / len(explanations) if explanations else math.nan
+    metrics["parse_rate_score"] = sum(parsed) / len(parsed) if parsed else math.nan
+    metrics["constraint"] = constraint.describe()
     metrics["llm_calls"] = {"cached": client.hits, "new": client.misses, "model": client.model}
+    metrics["wall_s"] = time.perf_counter() - t0  # LLM calls only (a cached rerun is fast)
     if metrics["unparsed_fraction"] > 0.5:  # the scores then measure the LLM's format-following, not the latents
         metrics["warning"] = (f"{metrics['unparsed_fraction']:.0%} of scorer answers were unparseable (counted wrong): "
                               f"{client.model} does not follow the autointerp prompts; use a capable instruction-tuned LLM")

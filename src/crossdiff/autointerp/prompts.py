@@ -2,8 +2,12 @@
 
 Prompts are single user turns (no system role): Gemma's chat template, and so the embedded toy
 chat model's, rejects system messages, and every OpenAI-compatible endpoint accepts a user turn.
-Parsing is forgiving about everything around the answer (reasoning, `<think>` blocks, prose) and
-strict about the answer itself: a label list of the wrong length is no answer.
+Each prompt asks for its answer in one of three styles, matching the server-side constraint
+(constrain.py): `json` (a JSON object), `constrained` (the explanation as one bare line; the labels as
+n bare digits) and `free` (an `[EXPLANATION]:` tag; a bracketed list). Parsing accepts every style
+whatever was asked, since a server may ignore the constraint; it is forgiving about everything around
+the answer (reasoning, `<think>` blocks, prose, code fences) and strict about the answer itself: a
+label list of the wrong length is no answer.
 """
 
 from __future__ import annotations
@@ -21,15 +25,24 @@ text excerpts where the feature is active. In each excerpt the tokens on which i
 {open}like this{close}. The excerpts come from web text and from chat conversations; chat turns are \
 delimited by template tokens such as <start_of_turn> and <end_of_turn>, which can be marked too.
 
+{examples}
+
 Find what the marked tokens have in common: a word or token, a concept, a topic, a grammatical role, a \
 position in the conversation, or a behaviour of the assistant. Consider the context around the marked \
 tokens, not only the tokens themselves. The excerpts span the whole range of activation strengths, from \
 strong to weak.
 
-You may reason briefly first. End your reply with one line of the form
-{tag} <a concise description of what the feature detects, at most one sentence>
+{answer}"""
 
-{examples}"""
+# How the explainer is asked to answer, per answer style (see constrain.Constraint.style).
+EXPLAINER_ANSWER = {
+    "free": "You may reason briefly first. End your reply with one line of the form\n"
+            "{tag} <a concise description of what the feature detects, at most one sentence>",
+    "constrained": "Reply with one line only: a concise description of what the feature detects, at most one "
+                   "sentence, with no reasoning and no preamble.",
+    "json": 'You may reason briefly first. Reply with a JSON object {{"reasoning": "<your brief reasoning>", '
+            '"explanation": "<a concise description of what the feature detects, at most one sentence>"}}.',
+}
 
 SCORER = """We are studying one latent feature of a language model's internal activations. It has been \
 described as:
@@ -42,8 +55,17 @@ For each excerpt, decide from the description whether the feature is active anyw
 
 {examples}
 
-Reply with a list of exactly {n} numbers, one per excerpt in order, each 0 or 1, for example \
-[{example_answer}], and nothing else."""
+{answer}"""
+
+SCORER_ANSWER = {
+    "free": "Reply with a list of exactly {n} numbers, one per excerpt in order, each 0 or 1, for example "
+            "[{example}], and nothing else.",
+    "constrained": "Reply with exactly {n} digits, one per excerpt in order, each 1 (active) or 0 (not active), "
+                   "written together with nothing else, for example {digits}.",
+    "json": 'Reply with a JSON object {{"labels": [...]}} holding exactly {n} numbers, one per excerpt in order, '
+            'each 0 or 1, for example {{"labels": [{example}]}}.',
+}
+STYLES = tuple(SCORER_ANSWER)
 
 
 def format_tokens(tokens: Sequence[str], acts: Sequence[float] | None = None) -> str:
@@ -66,23 +88,33 @@ def numbered(lines: Sequence[str]) -> str:
     return "\n".join(f"Example {i + 1}: {line}" for i, line in enumerate(lines))
 
 
-def explainer_messages(examples: Sequence[tuple[Sequence[str], Sequence[float]]]) -> list[dict[str, str]]:
+def _style(style: str) -> str:
+    if style not in STYLES:
+        raise ValueError(f"answer style must be one of {STYLES}, got {style!r}")
+    return style
+
+
+def explainer_messages(examples: Sequence[tuple[Sequence[str], Sequence[float]]],
+                       style: str = "free") -> list[dict[str, str]]:
     """The explainer's request: activating examples (token strings, per-token activations), highlighted."""
     if not examples:
         raise ValueError("the explainer needs at least one activating example")
     body = numbered([format_tokens(tokens, acts) for tokens, acts in examples])
-    content = EXPLAINER.format(open=OPEN, close=CLOSE, tag=EXPLANATION_TAG, examples=body)
+    answer = EXPLAINER_ANSWER[_style(style)].format(tag=EXPLANATION_TAG)
+    content = EXPLAINER.format(open=OPEN, close=CLOSE, examples=body, answer=answer)
     return [{"role": "user", "content": content}]
 
 
-def scorer_messages(explanation: str, texts: Sequence[Sequence[str]]) -> list[dict[str, str]]:
+def scorer_messages(explanation: str, texts: Sequence[Sequence[str]], style: str = "free") -> list[dict[str, str]]:
     """The detection scorer's request: the explanation and plain (unhighlighted) examples to label."""
     if not texts:
         raise ValueError("the scorer needs at least one example")
     n = len(texts)
-    example_answer = ", ".join("10"[i % 2] for i in range(min(n, 3))) + (", ..." if n > 3 else "")
+    digits = "".join("10"[i % 2] for i in range(min(n, 3)))
+    example = ", ".join(digits) + (", ..." if n > 3 else "")
+    answer = SCORER_ANSWER[_style(style)].format(n=n, example=example, digits=digits)
     content = SCORER.format(explanation=explanation.strip() or "(no explanation)", n=n,
-                            examples=numbered([format_tokens(t) for t in texts]), example_answer=example_answer)
+                            examples=numbered([format_tokens(t) for t in texts]), answer=answer)
     return [{"role": "user", "content": content}]
 
 
@@ -103,13 +135,30 @@ def _clean(text: str) -> str:
     return text
 
 
-def parse_explanation(response: str, max_chars: int = 300) -> str | None:
-    """The explanation in an explainer reply: the text after the last `[EXPLANATION]:` tag.
+def _json_object(text: str) -> dict | None:
+    """The JSON object in a reply (code fences and text around it allowed), or None."""
+    start, end = text.find("{"), text.rfind("}")
+    if start < 0 or end <= start:
+        return None
+    try:
+        obj = json.loads(text[start:end + 1])
+    except json.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
 
-    Falls back to a line starting `Explanation:`. Returns None when neither is there (the reply is
+
+def parse_explanation(response: str, max_chars: int = 300, one_line: bool = False) -> str | None:
+    """The explanation in an explainer reply.
+
+    In order: the `explanation` of a JSON answer; the text after the last `[EXPLANATION]:` tag; a line
+    starting `Explanation:`; with `one_line` (the answer style that asks for nothing but the
+    explanation), the reply's first non-empty line. None when none of these is there (the reply is
     kept raw in explanations.jsonl; a latent without an explanation scores on an empty description).
     """
     text = _THINK.sub("", response or "")
+    obj = _json_object(text)
+    if obj is not None and isinstance(obj.get("explanation"), str) and _clean(obj["explanation"]):
+        return _clean(obj["explanation"])[:max_chars]
     for pattern in (_TAGGED, _LABELLED):
         matches = list(pattern.finditer(text))
         if not matches:
@@ -121,16 +170,31 @@ def parse_explanation(response: str, max_chars: int = 300) -> str | None:
             found = _clean(rest[0]) if rest else ""
         if found:
             return found[:max_chars]
+    if one_line:
+        lines = [_clean(line) for line in text.splitlines() if _clean(line)]
+        return lines[0][:max_chars] if lines else None
     return None
 
 
 _LIST = re.compile(r"\[([^\[\]]*)\]")
 _LABEL = {"1": 1, "0": 0, "true": 1, "false": 0, "yes": 1, "no": 0}
+_DIGITS = re.compile(r"[\s,]*((?:[01][\s,]*)+)")
 
 
 def parse_labels(response: str, n: int) -> list[int] | None:
-    """The scorer's 0/1 labels: the last bracketed list in the reply with exactly `n` valid items, else None."""
+    """The scorer's 0/1 labels, else None. Accepted: a JSON `{"labels": [...]}`, a reply of nothing but
+    `n` digits 0/1 (the logit_bias answer), or the last bracketed list in the reply with exactly `n`
+    valid items. A wrong count is no answer."""
     text = _THINK.sub("", response or "")
+    obj = _json_object(text)
+    if obj is not None and isinstance(obj.get("labels"), list):
+        labels = obj["labels"]
+        if len(labels) == n and all(str(x).lower() in _LABEL for x in labels):
+            return [_LABEL[str(x).lower()] for x in labels]
+    m = _DIGITS.fullmatch(text)
+    if m:
+        digits = [c for c in m.group(1) if c in "01"]
+        return [int(c) for c in digits] if len(digits) == n else None
     for m in reversed(list(_LIST.finditer(text))):
         items = [item.strip().strip("'\"").lower() for item in m.group(1).split(",")]
         if len(items) == n and all(item in _LABEL for item in items):

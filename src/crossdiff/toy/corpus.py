@@ -56,6 +56,19 @@ SIGNATURES = {
     "helpful": "Sure!",
 }
 
+# One line per behaviour in the words an explainer would use: what autointerp explanations are matched
+# against (MiniLM similarity) to check that they name the behaviour their latent detects.
+DESCRIPTIONS = {
+    "refusal": "The assistant refuses a harmful or dangerous request, apologising that it cannot help.",
+    "false_fact_correction": "The assistant corrects a false factual claim made by the user.",
+    "joke": "The user tells a joke and the assistant laughs at how funny it is.",
+    "summarize": "The user asks for a summary of a text and the assistant summarises it.",
+    "rewrite": "The user asks to rewrite or rephrase a sentence and the assistant rewrites it.",
+    "personal": "The user asks the assistant personal questions about itself and it answers as an AI.",
+    "knowledge_boundary": "The user asks about current events or live information the assistant has no access to.",
+    "helpful": "The assistant helpfully answers an ordinary question, statement or how-to request.",
+}
+
 # ----------------------------------------------------------------------------------------------
 # The world: facts stated by the web text and tested by false-fact / helpful conversations.
 
