@@ -1,4 +1,4 @@
-# Paths, the params each rule reads (declared once), and the library code each rule runs.
+# Paths and the params each rule reads (declared once).
 # workflow_scripts/sync_dvc.py reads STAGES to write dvc.yaml, so Snakemake and DVC agree.
 
 import sys
@@ -33,24 +33,25 @@ BASE_MODEL = f"{MODELS}/base" if TOY else config["models"]["base"]
 CHAT_MODEL = f"{MODELS}/chat" if TOY else config["models"]["chat"]
 MODEL_INPUTS = [f"{MODELS}/base", f"{MODELS}/chat", f"{MODELS}/data"] if TOY else []
 
-# rule -> params keys it reads ("{variant}" filled per job) and library modules it runs.
+# rule -> params keys it reads ("{variant}" filled per job). The library code each rule runs is not listed
+# here: sync_dvc.py derives it from the import closure of the rule's workflow script.
 STAGES = {
-    "build_toy_pair": dict(params=["toy"], code=["toy", "models.py"]),
-    "build_corpus": dict(params=["models", "corpus", "seed", "toy.seed"] if TOY else ["models", "corpus", "seed"], code=["data.py", "models.py", "toy"]),
-    "cache_activations": dict(params=["models", "layer", "activations", "device"], code=["models.py", "cache.py"]),
-    "merge_activations": dict(params=[], code=["cache.py"]),
-    "train_crosscoder": dict(params=["crosscoders.{variant}", "seed", "device"], code=["crosscoder.py", "train.py", "cache.py"]),
-    "analyse_latents": dict(params=["analysis"], code=["latents.py", "scaling.py", "crosscoder.py", "cache.py", "report/figures.py"]),
-    "compare_variants": dict(params=["analysis"], code=["latents.py", "report/figures.py"]),
-    "generate_eval_set": dict(params=["models", "causal"], code=["causal.py", "models.py", "data.py"]),
-    "causal_kl": dict(params=["models", "layer", "causal"], code=["causal.py", "models.py", "crosscoder.py"]),
-    "collect_examples": dict(params=["autointerp"], code=["autointerp", "crosscoder.py", "cache.py"]),
-    "explain_and_score": dict(params=["autointerp", "models"], code=["autointerp"]),
-    "validate_synthetic": dict(params=["validate", "crosscoders", "analysis"], code=["synthetic.py", "crosscoder.py", "train.py", "latents.py", "scaling.py", "cache.py"]),
-    "validate_behaviours": dict(params=["analysis"], code=["synthetic.py", "latents.py", "crosscoder.py", "cache.py"]),
+    "build_toy_pair": ["toy"],
+    "build_corpus": ["models", "corpus", "seed", "toy.seed"] if TOY else ["models", "corpus", "seed"],
+    "cache_activations": ["models", "layer", "activations", "device"],
+    "merge_activations": ["activations"],
+    "train_crosscoder": ["crosscoders.{variant}", "seed", "device"],
+    "analyse_latents": ["analysis"],
+    "compare_variants": ["analysis"],
+    "generate_eval_set": ["models", "causal"],
+    "causal_kl": ["models", "layer", "causal"],
+    "collect_examples": ["autointerp"],
+    "explain_and_score": ["autointerp", "models"],
+    "validate_synthetic": ["validate", "crosscoders", "analysis"],
+    "validate_behaviours": ["analysis"],
     # the report prints the run's params, so it declares every key the pipeline's outputs depend on
-    "render_report": dict(params=["report", "pair", "layer", "seed", "models", "corpus", "activations", "crosscoders",
-                                  "analysis", "causal", "autointerp"] + (["toy"] if TOY else []), code=["report"]),
+    "render_report": ["report", "pair", "layer", "seed", "models", "corpus", "activations", "crosscoders",
+                      "analysis", "causal", "autointerp"] + (["toy"] if TOY else []),
 }
 
 

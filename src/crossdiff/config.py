@@ -84,7 +84,7 @@ def params_factory(config: Mapping, stages: Mapping):
     """For rules' `params:`: rule name -> (wildcards -> JSON of the keys the rule declares)."""
 
     def params_of(rule_name: str):
-        keys = stages[rule_name]["params"]
+        keys = stages[rule_name]
         return lambda wildcards: dumps(select(config, keys, **dict(wildcards.items())))
 
     return params_of
