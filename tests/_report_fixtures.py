@@ -171,8 +171,16 @@ def build_run(root: Path, pair: str = "toy", layer: int = 1, variants=("l1", "ba
                 **{f"recall_t{t}": rng.uniform(0, 1, len(chosen)) for t in range(3)},
                 "n_pos": [9] * len(chosen), "n_neg_similar": [9] * len(chosen), "n_neg_random": [9] * len(chosen),
                 "n_unparsed": [0] * len(chosen)}))
-            write_json(ai / "metrics.json", {"chat_only": {"similar": 0.7, "random": 0.9}, "shared": {"similar": 0.6},
-                                             **({"warning": WARNING} if v == "l1" else {})})
+            gt = [{"latent": chosen[0], "klass": "chat_only", "behaviour": "refusal", "auroc": 0.95,
+                   "explanation": f"latent {chosen[0]} {NASTY}", "predicted": "refusal", "similarity": 0.61, "correct": True}]
+            write_json(ai / "metrics.json", {  # the shape explain_and_score writes
+                "n_latents": len(chosen),
+                "chat_only": {"n": 3, "ba_similar": 0.7, "ba_random": 0.9, "recall_t0": 0.8, "recall_t1": 0.6, "recall_t2": 0.4},
+                "shared": {"n": 2, "ba_similar": 0.6, "ba_random": 0.8, "recall_t0": 0.7, "recall_t1": 0.5, "recall_t2": 0.3},
+                "unparsed_fraction": 0.0, "parse_rate": 0.96, "parse_rate_explain": 0.8, "parse_rate_score": 1.0,
+                "constraint": {"mode": "logit_bias", "explain": "one line", "score": "logit_bias"},
+                "ground_truth": {"n": 1, "n_correct": 1, "accuracy": 1.0, "chance": 0.125, "n_behaviours": 8, "latents": gt},
+                **({"warning": WARNING} if v == "l1" else {})})
     if "comparison" not in skip:
         comp = root / f"results/analysis/{pair}/L{layer}/comparison"
         write_json(comp / "metrics.json", {"n_chat_only": {v: 1 for v in variants}})
@@ -187,8 +195,10 @@ def build_run(root: Path, pair: str = "toy", layer: int = 1, variants=("l1", "ba
         truth["validate"] = val
         write_json(root / "results/validate/metrics.json", {"variants": val})
         figure(root / "results/validate/figures/nu_scatter.png", "ν by true kind")
-        beh = {v: {b: {"all_latents": {"latent": j, "auroc": 0.9 + j / 100},
-                       "chat_only": {"latent": j + 1, "auroc": 0.8}} for j, b in enumerate(("refusal", "joke"))}
+        # refusal: detected by the first explained chat-only latent (AUROC 0.95); joke: by the second, below 0.9
+        beh = {v: {b: {"all_latents": {"latent": truth["chosen"].get(v, [j, j])[j], "auroc": auroc},
+                       "chat_only": {"latent": j + 1, "auroc": 0.8}}
+                   for j, (b, auroc) in enumerate((("refusal", 0.95), ("joke", 0.85)))}
                for v in variants}
         truth["behaviours"] = beh
         write_json(root / f"results/validate/{pair}/behaviours.json", {"variants": beh})

@@ -163,6 +163,38 @@ def test_autointerp_warning_is_a_banner_not_a_table_row(full):
     assert f'<p class="warning"><b>l1:</b> {WARNING}</p>' in text and text.count(WARNING) == 1
 
 
+def test_summary_leads_with_the_answer(full):
+    """The first section answers the question (KL with CIs, robust chat-only latents with explanations,
+    scores and planted behaviours, ground-truth accuracy vs chance); versions and params come last."""
+    root, truth, run, index = full
+    text = index.read_text()
+    body = text[text.index("<main>"):]
+    assert body.index('id="summary"') < body.index('id="models"') < body.index('id="latents"') < body.index('id="run"')
+    assert body.index(WARNING) < body.index('id="models"')  # banners are on the first screen
+
+    for v in run.variants:
+        kl = pl.read_parquet(root / f"results/causal/toy/L1/{v.name}/kl.parquet").filter(
+            (pl.col("source") == "generated") & (pl.col("mask") == "full"))
+        mean = dict(zip(kl["condition"].to_list(), kl["mean"].to_list()))
+        row = tables.summary_row(v)
+        assert row["kl"]["source"] == tables.SOURCE_LABELS["generated"] and row["kl"]["nu_best"]["mean"] == mean["nu_best"]
+        assert row["kl"]["nu_best_share"] == pytest.approx((mean["none"] - mean["nu_best"]) / (mean["none"] - mean["all"]))
+        assert (row["score"], row["parse_rate"], row["gt_accuracy"], row["gt_chance"]) == (0.7, 0.96, 1.0, 0.125)
+
+        lat = truth["latents"][v.name]
+        want = lat.filter((pl.col("klass") == "chat_only") & ~pl.col("dead")).sort("rank_nu")["latent"].head(8).to_list()
+        rows = tables.robust_latents(tables.latent_table(v), v, run.behaviours, 0.9, 8)
+        assert [r["latent"] for r in rows] == want
+        first = truth["chosen"][v.name][0]  # detects refusal at AUROC 0.95; the second detects joke at 0.85 only
+        by = {r["latent"]: r for r in rows}
+        assert (by[first]["behaviour"], by[first]["named"]) == ("refusal", True)
+        assert all(r["behaviour"] is None for r in rows if r["latent"] != first)
+        assert by[first]["explanation"].startswith(f"latent {first} ")
+    summary = body[body.index('id="summary"'):body.index('id="models"')]
+    assert "refusal (0.95) ✓ named" in summary and "1/1 = 100% <span class=\"ci\">(chance 12%)</span>" in summary
+    assert "ground-truth" in body and 'id="summary-table"' in summary
+
+
 def test_escaping_and_missing_pieces(tmp_path, full):
     _, _, _, index = full
     text = index.read_text()
@@ -320,6 +352,11 @@ def test_in_browser(full, browser):
     assert b.js("Array.from(document.querySelectorAll('.kl-table')).map(t => t.tBodies[0].rows.length)") == [7, 7, 7]
     assert b.js("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
     b.screenshot(ARTIFACTS / "overview.png", full_page=True)
+    b.call("Emulation.setDeviceMetricsOverride", width=1280, height=900, deviceScaleFactor=1, mobile=False)
+    b.screenshot(ARTIFACTS / "first_screen.png")  # what a reader sees on opening the report
+    top = b.js("document.getElementById('summary-table').getBoundingClientRect().bottom")
+    assert top < 900  # the headline numbers are on the first screen
+    b.call("Emulation.setDeviceMetricsOverride", width=1400, height=1000, deviceScaleFactor=1, mobile=False)
 
     # filter: chat-only latents of one variant, dead hidden by default
     b.js("const s = document.getElementById('f-variant'); s.value = 'batchtopk'; s.dispatchEvent(new Event('change'))")

@@ -61,6 +61,17 @@ def _figure_grid(per_variant: dict[str, list[Path]]) -> list[tuple[str, list[Pat
     return [(n, [by_name[v].get(n) for v in per_variant]) for n in names]
 
 
+SUMMARY_LATENTS = 8  # robust chat-only latents per variant on the first screen
+
+
+def _autointerp_metrics(metrics: dict) -> dict:
+    """metrics.json for the generic table: the warning is a banner, per-latent ground truth has its own table."""
+    out = {k: x for k, x in metrics.items() if k != "warning"}
+    if isinstance(out.get("ground_truth"), dict):
+        out["ground_truth"] = {k: x for k, x in out["ground_truth"].items() if k != "latents"}
+    return out
+
+
 def render_report(run: Run, out_dir: str | os.PathLike, max_latents: int, examples_per_latent: int) -> Path:
     """Write `out_dir/index.html` and `out_dir/latents/{variant}/{latent}.html`; returns index path.
 
@@ -94,6 +105,7 @@ def render_report(run: Run, out_dir: str | os.PathLike, max_latents: int, exampl
             shutil.rmtree(tmp)
 
     params = run.params
+    min_auroc = params.get("autointerp", {}).get("behaviour_auroc", 0.9)
     ctx = dict(
         run=run, names=names, title=f"crossdiff report: {run.pair}, layer {run.layer}",
         generated=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -108,8 +120,13 @@ def render_report(run: Run, out_dir: str | os.PathLike, max_latents: int, exampl
         kl_tables=tables.kl_tables(run.variants, params.get("causal", {}).get("first_tokens")),
         causal_rows=tables.side_by_side({v.name: v.causal for v in run.variants}),
         causal_figures=_figure_grid({v.name: v.causal_figures for v in run.variants}),
-        autointerp_rows=tables.side_by_side({v.name: v.autointerp and {k: x for k, x in v.autointerp.items() if k != "warning"}
+        autointerp_rows=tables.side_by_side({v.name: v.autointerp and _autointerp_metrics(v.autointerp)
                                              for v in run.variants}),
+        ground_truth={v.name: ((v.autointerp or {}).get("ground_truth") or {}).get("latents") for v in run.variants},
+        summary=[tables.summary_row(v) for v in run.variants],
+        robust={v.name: tables.robust_latents(latent_tables.get(v.name), v, run.behaviours, min_auroc, SUMMARY_LATENTS)
+                for v in run.variants},
+        min_auroc=min_auroc,
         autointerp_warnings={v.name: v.autointerp["warning"] for v in run.variants
                              if v.autointerp and v.autointerp.get("warning")},
         explained={v.name: tables.explained_rows(latent_tables.get(v.name)) for v in run.variants},

@@ -350,3 +350,65 @@ def behaviour_rows(behaviours: dict) -> tuple[list[str], list[tuple[str, list[An
     labels = list(dict.fromkeys(b for v in variants.values() for b in v))
     fmt = lambda r: None if not r or r.get("auroc") is None else f"{r['auroc']:.2f} (#{r['latent']})"  # noqa: E731
     return names, [(b, [fmt(variants[v].get(b, {}).get(pool)) for v, pool in cols]) for b in labels]
+
+
+# ------------------------------------------------------------------------ summary (the first screen)
+
+KL_SOURCES = ("generated", "all", "heldout")  # preferred first: the paper's Fig. 5 scores the chat model's own answers
+
+
+def headline_kl(kl: pl.DataFrame | None) -> dict | None:
+    """One variant's headline causal numbers: KL(p_chat ‖ p_patched) over full responses for no patch, all
+    latents, and the ν-best / ν-worst halves of the chat-only latents (means with 95% CIs), and the share
+    of the KL drop from patching all latents that the ν-best half alone achieves:
+    (KL_none − KL_ν-best) / (KL_none − KL_all)."""
+    if kl is None or kl.is_empty():
+        return None
+    if "source" in kl.columns:
+        sources = kl["source"].unique(maintain_order=True).to_list()
+        source = next((s for s in KL_SOURCES if s in sources), sources[0])
+        kl = kl.filter(pl.col("source") == source)
+    else:
+        source = "all"
+    if "mask" in kl.columns:
+        kl = kl.filter(pl.col("mask") == "full")
+    cells = {r["condition"]: r for r in kl.iter_rows(named=True)}
+    mean = {c: (cells.get(c) or {}).get("mean") for c in ("none", "all", "nu_best")}
+    share = None
+    if None not in mean.values() and mean["none"] != mean["all"]:
+        share = (mean["none"] - mean["nu_best"]) / (mean["none"] - mean["all"])
+    return {"source": SOURCE_LABELS.get(source, source), "none": cells.get("none"), "all": cells.get("all"),
+            "nu_best": cells.get("nu_best"), "nu_worst": cells.get("nu_worst"), "nu_best_share": share}
+
+
+def summary_row(variant: VariantRun) -> dict:
+    """One variant's answer in numbers: headline KL, chat-only detection scores, parse rate, and how often
+    explanations name their latent's planted behaviour (vs chance)."""
+    ai = variant.autointerp or {}
+    chat = ai.get("chat_only") or {}
+    gt = ai.get("ground_truth") or {}
+    return {"variant": variant.name, "kl": headline_kl(variant.kl),
+            "score": chat.get("ba_similar"), "score_random": chat.get("ba_random"), "n_chat_only": chat.get("n"),
+            "parse_rate": ai.get("parse_rate"), "constraint": (ai.get("constraint") or {}).get("mode"),
+            "gt_accuracy": gt.get("accuracy"), "gt_chance": gt.get("chance"), "gt_n": gt.get("n"),
+            "gt_correct": gt.get("n_correct")}
+
+
+def robust_latents(table: pl.DataFrame | None, variant: VariantRun, behaviours: dict | None, min_auroc: float,
+                   n: int) -> list[dict]:
+    """The first `n` live chat-only latents in ν-filter order (rank(ν^ε) + rank(ν^r), most chat-specific
+    first; autointerp explains the same ones), each with its explanation, detection score, the planted
+    behaviour it detects (AUROC >= min_auroc, from behaviours.json) and whether its explanation names it."""
+    from crossdiff.autointerp.ground_truth import behaviour_latents
+
+    if table is None or "rank_nu" not in table.columns:
+        return []
+    truth = behaviour_latents((behaviours or {}).get("variants", {}).get(variant.name, {}), min_auroc)
+    named = {r["latent"]: r["correct"] for r in ((variant.autointerp or {}).get("ground_truth") or {}).get("latents", [])}
+    chat = table.filter((pl.col("klass") == "chat_only") & ~pl.col("dead") & pl.col("rank_nu").is_not_null())
+    rows = chat.sort(["rank_nu", "latent"]).head(n).select(
+        "latent", "nu_eps", "nu_r", "score", "score_random", "explanation").to_dicts()
+    for r in rows:
+        behaviour, auroc = truth.get(r["latent"], (None, None))
+        r.update(behaviour=behaviour, auroc=auroc, named=named.get(r["latent"]))
+    return rows
