@@ -52,7 +52,7 @@ def label_token_ids(tokenizer) -> dict[str, list[int]]:
 def explanation_schema() -> dict:
     """The explainer's answer: brief reasoning first (so the model can think), then the explanation."""
     return {"type": "object", "additionalProperties": False, "required": ["reasoning", "explanation"],
-            "properties": {"reasoning": {"type": "string", "maxLength": 600},
+            "properties": {"reasoning": {"type": "string", "maxLength": 300},
                            "explanation": {"type": "string", "minLength": 1, "maxLength": 300}}}
 
 
