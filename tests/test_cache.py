@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from crossdiff import io, testing
-from crossdiff.cache import FIELDS, ActivationCache, merge, write_cache
+from crossdiff.cache import FIELDS, ActivationCache, CacheError, merge, screen_outliers, summary, write_cache
 from crossdiff.data import CorpusConfig, build_corpus
 from crossdiff.models import load_pair
 from helpers import script
@@ -76,6 +76,12 @@ def test_rows_equal_hidden_states(cached, corpus):
             torch.testing.assert_close(torch.from_numpy(data[name][rows]).float(), ref, rtol=2e-3, atol=2e-3)
     for name in ("base", "chat"):  # attrs carry the mean L2 norm of what is stored
         assert attrs[f"norm_{name}"] == pytest.approx(np.linalg.norm(data[name].astype(np.float64), axis=1).mean(), rel=1e-5)
+    assert attrs["norm_ratio"] == pytest.approx(attrs["norm_chat"] / attrs["norm_base"])
+    assert attrs["sink_rows_excluded"] == len(df) and attrs["outlier_rows"] == 0 and attrs["outlier_factor"] == 10.0
+    assert summary(path) == {"rows": len(data["base"]), "dtype": "float16", "sink_rows_excluded": len(df),
+                             "outlier_factor": 10.0, "outlier_rows": 0, "outlier_max_ratio": attrs["outlier_max_ratio"],
+                             "outliers_dropped": False, "norm_base": attrs["norm_base"],
+                             "norm_chat": attrs["norm_chat"], "norm_ratio": attrs["norm_ratio"]}
 
 
 def test_interrupted_run_resumes_to_identical_file(cached_gemma, corpus, tmp_path):
@@ -138,6 +144,97 @@ def test_shards_merge_to_the_unsharded_file(cached_gemma, corpus, tmp_path):
         assert np.array_equal(a[k], b[k]), k
     for k in ("norm_base", "norm_chat"):
         assert attrs_b[k] == pytest.approx(attrs_a[k], rel=1e-9)
+
+
+def test_position_zero_is_excluded_without_bos(cached_gemma, corpus, tmp_path):
+    """A tokenizer without BOS (Qwen) makes its first token the attention sink: position 0 goes whatever it is,
+    and a BOS inside a sequence goes too."""
+    pair, _ = cached_gemma
+    bos = pair.tokenizer.bos_token_id
+    df = pl.read_parquet(corpus)
+    ids = [s[1:] if i % 2 else s[1:3] + [bos] + s[3:] for i, s in enumerate(df["input_ids"].to_list())]
+    tmpl = [t[1:] if i % 2 else t[1:3] + [True] + t[3:] for i, t in enumerate(df["template"].to_list())]
+    no_bos = tmp_path / "no_bos.parquet"
+    df.with_columns(pl.Series("input_ids", ids, dtype=df["input_ids"].dtype), pl.Series("template", tmpl)).write_parquet(no_bos)
+    data, attrs = _read(write_cache(pair, LAYER, no_bos, tmp_path / "acts.h5", **KW))
+    assert data["pos"].min() == 1 and not (data["tokens"] == bos).any()
+    assert len(data["base"]) == sum(len(s) - 1 for s in ids) - len(ids[::2])
+    assert attrs["sink_rows_excluded"] == len(ids) + len(ids[::2])
+    for s in (0, 1):
+        rows = data["seq"] == df["seq"][s]
+        assert data["tokens"][rows][0] == ids[s][1]
+
+
+@pytest.fixture(scope="module")
+def loud_pair(tiny_pair):
+    """The tiny Gemma with embeddings scaled so its residual stream exceeds float16's range (as Gemma 3's
+    first token does at |x| ~ 83,000)."""
+    pair = load_pair(*map(str, tiny_pair("gemma2")), layer=LAYER)
+    for m in (pair.base, pair.chat):
+        m.get_input_embeddings().weight.data *= 1e6
+    return pair
+
+
+def test_float16_overflow_is_an_error_naming_the_token(loud_pair, corpus, tmp_path):
+    out = tmp_path / "acts.h5"
+    with pytest.raises(CacheError, match=r"non-finite base \(float16-stored\) activation at sequence \d+, position \d+.*"
+                                         r"activations.dtype: bfloat16 or float32"):
+        write_cache(loud_pair, LAYER, corpus, out, **KW)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_wide_dtypes_hold_large_activations(loud_pair, corpus, tmp_path, dtype):
+    path = write_cache(loud_pair, LAYER, corpus, tmp_path / "acts.h5", dtype=dtype, **KW)
+    c = ActivationCache(path)
+    assert c.dtype == dtype
+    x = torch.cat([b["acts"] for b in c.iter_sequential(64, fields=("acts",))])
+    assert x.abs().max() > 65504 and torch.isfinite(x).all()
+    with h5py.File(path) as f:  # the stored values are the model's, to the storage precision
+        row = int(np.flatnonzero(f["seq"][:] == 0)[0])
+        seq0 = pl.read_parquet(corpus)["input_ids"][0].to_list()
+        with torch.inference_mode():
+            ref = loud_pair.base(input_ids=torch.tensor([seq0]), output_hidden_states=True).hidden_states[LAYER + 1][0, 1]
+        rtol = 1e-2 if dtype == "bfloat16" else 1e-5
+        torch.testing.assert_close(x[row, 0], ref, rtol=rtol, atol=rtol * ref.abs().max().item())
+
+
+def _hand_written(path, base, chat=None, chunk=16):
+    n, d = base.shape
+    with h5py.File(path, "w") as f:
+        f.create_dataset("base", data=base, chunks=(chunk, d))
+        f.create_dataset("chat", data=-base if chat is None else chat, chunks=(chunk, d))
+        for k, dt in FIELDS.items():
+            f.create_dataset(k, data=np.arange(n).astype(dt), chunks=(chunk,))
+        f.attrs.update(layer=0, d_model=d, norm_base=1.0, norm_chat=1.0)
+    return path
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_norm_outliers_are_reported_and_optionally_dropped(tmp_path, drop):
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(200, 8)).astype(np.float32)
+    base[[7, 150]] *= 100  # two massive activations
+    path = _hand_written(tmp_path / "acts.h5", base)
+    out = screen_outliers(path, factor=10, drop=drop)
+    data, attrs = _read(out)
+    assert attrs["outlier_rows"] == 2 and attrs["outlier_examples"] == "7:7, 150:150" and attrs["outlier_max_ratio"] > 50
+    if drop:
+        assert len(data["base"]) == 198 and 7 not in data["seq"] and 150 not in data["seq"]
+        assert attrs["norm_base"] == pytest.approx(np.linalg.norm(np.delete(base, [7, 150], 0), axis=1).mean(), rel=1e-5)
+        assert not path.exists()
+    else:
+        assert out == path and len(data["base"]) == 200
+
+
+def test_reader_refuses_non_finite_rows(tmp_path):
+    base = np.ones((100, 4), np.float16)
+    base[42, 1] = np.inf
+    c = ActivationCache(_hand_written(tmp_path / "acts.h5", base))
+    with pytest.raises(CacheError, match=r"non-finite activations in 1 rows, first at row 42"):
+        list(c.iter_sequential(32, fields=("acts",)))
+    with pytest.raises(CacheError, match=r"first at row 42"):
+        list(c.iter_shuffled(batch_size=10, seed=0))
 
 
 @pytest.fixture(scope="module")

@@ -129,3 +129,12 @@ def test_shape_errors_are_clear():
     s = ScalingStats.zeros(DICT)
     with pytest.raises(ValueError, match="shape mismatch"):
         s.update(torch.zeros(4, DICT), torch.zeros(5, 2, D_MODEL), torch.zeros(2, DICT, D_MODEL), torch.zeros(2, D_MODEL))
+
+
+def test_non_finite_input_is_refused():
+    D, d = 6, 4
+    stats = ScalingStats.zeros(D)
+    x = torch.randn(5, 2, d)
+    x[3, 1, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"non-finite activations in 1 rows .*first at batch row 3"):
+        stats.update(torch.rand(5, D), x, torch.randn(2, D, d), torch.zeros(2, d))

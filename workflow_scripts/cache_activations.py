@@ -18,7 +18,9 @@ def main(argv=None) -> None:
     pair = load_pair(args.base, args.chat, layer=params["layer"], dtype=params["models"].get("dtype", "float32"), device=device)
     acts = params["activations"]
     write_cache(pair, params["layer"], args.corpus, args.out, batch_tokens=acts["batch_tokens"],
-                chunk_rows=acts["chunk_rows"], shard=args.shard, num_shards=args.num_shards, device=device)
+                chunk_rows=acts["chunk_rows"], shard=args.shard, num_shards=args.num_shards, device=device,
+                dtype=acts.get("dtype", "float16"), outlier_factor=acts.get("outlier_factor", 10.0),
+                drop_outliers=acts.get("drop_outliers", False))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,18 @@
 """The paired activation cache (DESIGN §3): a streaming, resumable HDF5 writer and the readers.
 
-File layout, one file per split: `base`, `chat` float16 (N, d) chunked by rows; `tokens` int32, `seq` int32,
-`pos` int32, `template` bool, `source` uint8 (all (N,)); attributes `base_model`, `chat_model`, `layer`,
-`d_model`, `tokenizer`, `created_by`, `norm_base`, `norm_chat` (mean L2 norm of each model's activations).
-BOS positions are excluded.
+File layout, one file per split: `base`, `chat` (N, d) chunked by rows, float16 | bfloat16 | float32
+(`activations.dtype`; HDF5 has no bfloat16, so it is stored as its raw 16 bits with the dataset attribute
+`dtype = "bfloat16"`); `tokens` int32, `seq` int32, `pos` int32, `template` bool, `source` uint8 (all (N,));
+attributes `base_model`, `chat_model`, `layer`, `d_model`, `tokenizer`, `created_by`, `norm_base`, `norm_chat`
+(mean L2 norm of each model's activations) and `norm_ratio` (r = norm_chat / norm_base).
+
+Attention sinks. Position 0 of every sequence is excluded whether or not it is BOS (a tokenizer without BOS,
+like Qwen's, turns its first token into the sink: ~50x the norm of the others), and so is every BOS token;
+`sink_rows_excluded` counts them. Rows whose residual norm exceeds `outlier_factor` x the median norm (per
+model) are reported (`outlier_rows`, `outlier_examples` as "seq:pos") and, with `drop_outliers`, removed.
+
+Overflow. A non-finite activation is never written: the writer raises naming the sequence and position
+(Gemma 3's first token reaches |x| ~ 83,000, beyond float16's 65,504), and the readers refuse non-finite rows.
 
 Writing. The row count is known from the corpus before any compute, so every dataset is created at its final
 shape with all chunks allocated up front: committing a chunk then only writes raw bytes into place and bumps
@@ -34,6 +43,7 @@ from .models import Pair, d_model, hidden_at_layer
 log = logging.getLogger(__name__)
 
 FIELDS = {"tokens": np.int32, "seq": np.int32, "pos": np.int32, "template": np.bool_, "source": np.uint8}
+DTYPES = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}  # storage type of base/chat
 PROGRESS = ("committed_rows", "norm_sum_base", "norm_sum_chat")  # attrs of a *.partial, removed on completion
 
 
@@ -97,23 +107,31 @@ def plan(lengths: np.ndarray, keep: np.ndarray, batch_tokens: int, shard: int = 
 
 
 def _corpus_stats(corpus: Path, bos: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens per sequence and cached rows per sequence (BOS tokens excluded; position 0 if no BOS)."""
+    """Tokens per sequence and cached rows per sequence (position 0 and every BOS token excluded)."""
     lf = pl.scan_parquet(corpus)
     n_len = pl.col("input_ids").list.len()
-    drop = pl.col("input_ids").list.eval(pl.element() == bos).list.sum() if bos is not None else pl.lit(1)
+    later_bos = pl.col("input_ids").list.slice(1).list.eval(pl.element() == bos).list.sum() if bos is not None else 0
+    drop = pl.min_horizontal(n_len, 1 + later_bos)
     df = lf.select(n_len.alias("n"), (n_len - drop).alias("keep")).collect()
     return df["n"].to_numpy().astype(np.int64), df["keep"].to_numpy().astype(np.int64)
 
 
 # ---- writer -----------------------------------------------------------------------------------------------
 
-def _create(path: Path, n: int, d: int, chunk_rows: int, attrs: dict) -> h5py.File:
+def _create_acts(f: h5py.File, n: int, d: int, chunk: int, dtype: str, **kw) -> None:
+    if dtype not in DTYPES:
+        raise ValueError(f"activations.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    for name in ("base", "chat"):
+        f.create_dataset(name, (n, d), DTYPES[dtype], chunks=(chunk, d), **kw)
+        f[name].attrs["dtype"] = dtype
+
+
+def _create(path: Path, n: int, d: int, chunk_rows: int, attrs: dict, dtype: str) -> h5py.File:
     f = h5py.File(path, "w")
     chunk = max(1, min(chunk_rows, n))
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # no chunk-index metadata changes while writing
-    for name in ("base", "chat"):
-        f.create_dataset(name, (n, d), np.float16, chunks=(chunk, d), dcpl=dcpl.copy(), fill_time="never")
+    _create_acts(f, n, d, chunk, dtype, dcpl=dcpl, fill_time="never")
     for name, dt in FIELDS.items():
         f.create_dataset(name, (n,), dt, chunks=(chunk,), dcpl=dcpl.copy(), fill_time="never")
     f.attrs.update(attrs)
@@ -167,14 +185,45 @@ class _Chunks:
             self.f[name][a:b] = v
         self.f.flush()  # data on disk before the commit mark that vouches for it
         for name in ("base", "chat"):  # mean L2 norm, accumulated per chunk in float64 (same order on resume)
-            self.f.attrs[f"norm_sum_{name}"] += float(np.linalg.norm(rows[name].astype(np.float32), axis=1).sum(dtype=np.float64))
+            self.f.attrs[f"norm_sum_{name}"] += float(_norms(rows[name]).sum(dtype=np.float64))
         self.f.attrs["committed_rows"] = b
         self.f.flush()
         self.start, self.commits = b, self.commits + 1
 
 
-def _batch_rows(pair: Pair, layer: int, df: pl.DataFrame, bos: int | None, device) -> dict[str, np.ndarray]:
-    """Forward one batch through both models to layer L; the non-BOS rows, in sequence then position order."""
+def to_storage(x: Tensor, dtype: str) -> np.ndarray:
+    """float activations -> the stored representation (bfloat16 as its raw 16 bits)."""
+    if dtype == "bfloat16":
+        return x.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
+    return x.to(getattr(torch, dtype)).cpu().numpy()
+
+
+def from_storage(a: np.ndarray, dtype: str) -> Tensor:
+    """The stored representation -> float32 tensor (inverse of to_storage)."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(np.ascontiguousarray(a)).float()
+
+
+def _norms(a: np.ndarray) -> np.ndarray:
+    """Per-row L2 norms (float32) of stored rows of any storage dtype."""
+    x = from_storage(a, "bfloat16") if a.dtype == np.uint16 else torch.from_numpy(a).float()
+    return torch.linalg.vector_norm(x, dim=-1).numpy()
+
+
+def _check_finite(h: Tensor, what: str, seq: Tensor, pos: Tensor) -> None:
+    bad = ~torch.isfinite(h).all(-1)
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        raise CacheError(
+            f"non-finite {what} activation at sequence {int(seq[i])}, position {int(pos[i])} "
+            f"({int(bad.sum())} rows in this batch; finite max |x| = {h[torch.isfinite(h)].abs().max().item():.4g}); "
+            "set activations.dtype: bfloat16 or float32 (float16 tops out at 65,504), or load the models in float32")
+
+
+def _batch_rows(pair: Pair, layer: int, df: pl.DataFrame, bos: int | None, device, dtype: str) -> dict[str, np.ndarray]:
+    """Forward one batch through both models to layer L; the rows past position 0 that are not BOS, in sequence
+    then position order, in the storage dtype. Raises on a non-finite value, before or after the cast."""
     seqs = df["input_ids"].to_list()
     width = max(map(len, seqs))
     ids = torch.zeros(len(seqs), width, dtype=torch.long)
@@ -183,13 +232,19 @@ def _batch_rows(pair: Pair, layer: int, df: pl.DataFrame, bos: int | None, devic
     for i, (s, t) in enumerate(zip(seqs, df["template"].to_list())):
         ids[i, : len(s)], mask[i, : len(s)], tmpl[i, : len(s)] = torch.tensor(s), 1, torch.tensor(t)
     # right padding: positions stay 0..len-1, exactly as for the unpadded sequence
-    keep = mask.bool() & ((ids != bos) if bos is not None else (torch.arange(width) > 0))
-    ids_d, mask_d = ids.to(device), mask.to(device)
-    out = {name: hidden_at_layer(model, ids_d, mask_d, layer)[keep.to(device)].to(torch.float16).cpu().numpy()
-           for name, model in (("base", pair.base), ("chat", pair.chat))}
+    keep = mask.bool() & (torch.arange(width) > 0)  # position 0 is the attention sink, BOS or not
+    if bos is not None:
+        keep &= ids != bos
     seq = torch.tensor(df["seq"].to_list(), dtype=torch.int32)[:, None].expand(-1, width)
     src = torch.tensor(df["source"].to_list(), dtype=torch.uint8)[:, None].expand(-1, width)
     pos = torch.arange(width, dtype=torch.int32)[None].expand(len(seqs), -1)
+    ids_d, mask_d = ids.to(device), mask.to(device)
+    out = {}
+    for name, model in (("base", pair.base), ("chat", pair.chat)):
+        h = hidden_at_layer(model, ids_d, mask_d, layer)[keep.to(device)].float()
+        _check_finite(h, name, seq[keep], pos[keep])
+        out[name] = to_storage(h, dtype)
+        _check_finite(from_storage(out[name], dtype), f"{name} ({dtype}-stored)", seq[keep], pos[keep])
     out.update(tokens=ids[keep].int().numpy(), seq=seq[keep].numpy(), pos=pos[keep].numpy(),
                template=tmpl[keep].numpy(), source=src[keep].numpy())
     return out
@@ -197,11 +252,13 @@ def _batch_rows(pair: Pair, layer: int, df: pl.DataFrame, bos: int | None, devic
 
 @torch.inference_mode()
 def write_cache(pair: Pair, layer: int, corpus: str | Path, out: str | Path, batch_tokens: int, chunk_rows: int,
-                shard: int = 0, num_shards: int = 1, device="cpu", window_batches: int = 16,
+                shard: int = 0, num_shards: int = 1, device="cpu", window_batches: int = 16, dtype: str = "float16",
+                outlier_factor: float = 10.0, drop_outliers: bool = False,
                 stop_after_chunks: int | None = None) -> Path:
     """Cache layer-L activations of both models on the corpus (or one shard of it) into `out`.
 
-    Resumes a `{out}.partial` left by a killed run. `stop_after_chunks` (tests) raises after that many chunk
+    Resumes a `{out}.partial` left by a killed run. An unsharded file is screened for norm outliers at the end
+    (a sharded one when the shards are merged). `stop_after_chunks` (tests) raises after that many chunk
     commits, like a kill between chunks.
     """
     corpus, out = Path(corpus), Path(out)
@@ -217,8 +274,9 @@ def write_cache(pair: Pair, layer: int, corpus: str | Path, out: str | Path, bat
     attrs = dict(base_model=pair.base_name, chat_model=pair.chat_name, layer=layer, d_model=d,
                  tokenizer=pair.chat_name, created_by=f"crossdiff {__version__}", corpus=str(corpus),
                  batch_tokens=batch_tokens, chunk_rows=chunk_rows, window_batches=window_batches, shard=shard,
-                 num_shards=num_shards)
-    f = _open_partial(partial, attrs, p.n_rows) or _create(partial, p.n_rows, d, chunk_rows, attrs)
+                 num_shards=num_shards, dtype=dtype,
+                 sink_rows_excluded=int(sum(lengths[b].sum() for b in p.batches)) - p.n_rows)
+    f = _open_partial(partial, attrs, p.n_rows) or _create(partial, p.n_rows, d, chunk_rows, attrs, dtype)
     with f:
         done = int(f.attrs["committed_rows"])
         if done:
@@ -234,7 +292,7 @@ def write_cache(pair: Pair, layer: int, corpus: str | Path, out: str | Path, bat
             if p.windows[bi] != loaded:  # read the corpus one window at a time: RAM does not grow with it
                 loaded = p.windows[bi]
                 window = lf.slice(loaded[0], loaded[1] - loaded[0]).collect()
-            rows = _batch_rows(pair, layer, window[p.batches[bi] - loaded[0]], bos, device)
+            rows = _batch_rows(pair, layer, window[p.batches[bi] - loaded[0]], bos, device, dtype)
             if skip:
                 rows, skip = {k: v[skip:] for k, v in rows.items()}, 0
             chunks.add(rows)
@@ -248,54 +306,118 @@ def write_cache(pair: Pair, layer: int, corpus: str | Path, out: str | Path, bat
             raise CacheError(f"wrote {f.attrs['committed_rows']} rows, expected {n}")
         f.attrs["norm_base"] = f.attrs["norm_sum_base"] / n
         f.attrs["norm_chat"] = f.attrs["norm_sum_chat"] / n
+        f.attrs["norm_ratio"] = f.attrs["norm_chat"] / f.attrs["norm_base"]
         for k in PROGRESS:
             del f.attrs[k]
+    if num_shards == 1:
+        partial = screen_outliers(partial, outlier_factor, drop_outliers)
     os.replace(partial, out)
     log.info("wrote %s: %d rows, d=%d", out, n, d)
     return out
 
 
-def merge(shards: Sequence[str | Path], out: str | Path, block_rows: int = 1 << 16) -> Path:
-    """Concatenate shard files in order into one cache (streamed; norms re-weighted by row counts)."""
+def _copy_rows(sources: Sequence[tuple[h5py.File, np.ndarray | None]], dst: Path, attrs: dict,
+               block_rows: int = 1 << 16) -> None:
+    """Write the rows of each (file, keep mask or None = all) in order into a new cache file `dst`."""
+    first = sources[0][0]
+    n = sum(f["base"].shape[0] if keep is None else int(keep.sum()) for f, keep in sources)
+    d, chunk = first["base"].shape[1], first["base"].chunks[0]
+    with h5py.File(dst, "w") as g:
+        _create_acts(g, n, d, max(1, min(chunk, n)), _stored_dtype(first))
+        for name, dt in FIELDS.items():
+            g.create_dataset(name, (n,), dt, chunks=(max(1, min(chunk, n)),))
+        g.attrs.update(attrs)
+        at = 0
+        with tqdm(total=n, desc=f"write {dst.name}", unit="tok", unit_scale=True) as bar:
+            for f, keep in sources:
+                for a in range(0, f["base"].shape[0], block_rows):
+                    b = min(f["base"].shape[0], a + block_rows)
+                    sel = slice(None) if keep is None else keep[a:b]
+                    k = b - a if keep is None else int(sel.sum())
+                    for name in ("base", "chat", *FIELDS):
+                        g[name][at: at + k] = f[name][a:b][sel]
+                    at += k
+                    bar.update(k)
+
+
+def screen_outliers(path: str | Path, factor: float, drop: bool, block_rows: int = 1 << 16) -> Path:
+    """Find rows whose residual norm exceeds `factor` x the median norm of its model (massive activations
+    that would dominate training), record them in the file's attrs, and with `drop` write a copy without them.
+    Returns the path of the screened file (`path` itself unless rows were dropped)."""
+    path = Path(path)
+    with h5py.File(path, "r+") as f:
+        n = f["base"].shape[0]
+        norms = {m: np.concatenate([_norms(f[m][a: a + block_rows]) for a in range(0, n, block_rows)])
+                 for m in ("base", "chat")}
+        median = {m: float(np.median(v)) for m, v in norms.items()}
+        ratio = np.maximum(norms["base"] / max(median["base"], 1e-12), norms["chat"] / max(median["chat"], 1e-12))
+        idx = np.flatnonzero(ratio > factor)
+        examples = [f"{s}:{p}" for s, p in zip(f["seq"][idx[:20]], f["pos"][idx[:20]])] if len(idx) else []
+        f.attrs.update(outlier_factor=factor, outlier_rows=len(idx), outlier_examples=", ".join(examples),
+                       outlier_max_ratio=float(ratio.max(initial=0.0)), outliers_dropped=bool(drop and len(idx)),
+                       median_norm_base=median["base"], median_norm_chat=median["chat"])
+        if len(idx):
+            log.warning("%s: %d rows (%.3g%%) have a residual norm > %g x the median (max %.1f x), e.g. seq:pos %s%s",
+                        path.name, len(idx), 100 * len(idx) / n, factor, ratio.max(), ", ".join(examples[:5]),
+                        "; dropped" if drop else "; kept (activations.drop_outliers: true removes them)")
+        if not (drop and len(idx)):
+            return path
+        keep = ratio <= factor
+        attrs = dict(f.attrs)
+        for m in ("base", "chat"):  # the mean norms of what remains
+            attrs[f"norm_{m}"] = float(norms[m][keep].mean(dtype=np.float64))
+        attrs["norm_ratio"] = attrs["norm_chat"] / attrs["norm_base"]
+        dst = path.with_name(path.name + ".screened")
+        _copy_rows([(f, keep)], dst, attrs, block_rows)
+    path.unlink()
+    return dst
+
+
+def merge(shards: Sequence[str | Path], out: str | Path, outlier_factor: float = 10.0, drop_outliers: bool = False,
+          block_rows: int = 1 << 16) -> Path:
+    """Concatenate shard files in order into one cache (streamed; norms re-weighted by row counts), then
+    screen it for norm outliers."""
     out = Path(out)
     partial = out.with_name(out.name + ".partial")
     files = [h5py.File(s, "r") for s in shards]
     try:
         first = files[0]
         for s, f in zip(shards, files):
-            for k in ("base_model", "chat_model", "layer", "d_model", "corpus", "num_shards"):
+            for k in ("base_model", "chat_model", "layer", "d_model", "corpus", "num_shards", "dtype"):
                 if not _eq(f.attrs.get(k), first.attrs.get(k)):
                     raise CacheError(f"{s}: attribute {k} = {f.attrs.get(k)!r} differs from {shards[0]}'s {first.attrs.get(k)!r}")
         if sorted(int(f.attrs["shard"]) for f in files) != list(range(int(first.attrs["num_shards"]))):
             raise CacheError(f"expected shards 0..{int(first.attrs['num_shards']) - 1}, got {[int(f.attrs['shard']) for f in files]}")
         files.sort(key=lambda f: int(f.attrs["shard"]))
         sizes = [f["base"].shape[0] for f in files]
-        n, d = sum(sizes), int(first.attrs["d_model"])
+        n = sum(sizes)
         attrs = {k: v for k, v in first.attrs.items() if k not in ("shard", "norm_base", "norm_chat")}
-        attrs.update(num_shards=1, shard=0)
-        with h5py.File(partial, "w") as g:
-            chunk = first["base"].chunks[0]
-            for name in ("base", "chat"):
-                g.create_dataset(name, (n, d), np.float16, chunks=(chunk, d))
-            for name, dt in FIELDS.items():
-                g.create_dataset(name, (n,), dt, chunks=(chunk,))
-            g.attrs.update(attrs)
-            for name in ("base", "chat"):  # weighted mean of the shards' mean norms
-                g.attrs[f"norm_{name}"] = sum(float(f.attrs[f"norm_{name}"]) * s for f, s in zip(files, sizes)) / n
-            at = 0
-            with tqdm(total=n, desc=f"merge {out.name}", unit="tok", unit_scale=True) as bar:
-                for f, s in zip(files, sizes):
-                    for a in range(0, s, block_rows):
-                        b = min(s, a + block_rows)
-                        for name in ("base", "chat", *FIELDS):
-                            g[name][at + a: at + b] = f[name][a:b]
-                        bar.update(b - a)
-                    at += s
+        attrs.update(num_shards=1, shard=0, sink_rows_excluded=sum(int(f.attrs.get("sink_rows_excluded", 0)) for f in files))
+        for name in ("base", "chat"):  # weighted mean of the shards' mean norms
+            attrs[f"norm_{name}"] = sum(float(f.attrs[f"norm_{name}"]) * s for f, s in zip(files, sizes)) / n
+        attrs["norm_ratio"] = attrs["norm_chat"] / attrs["norm_base"]
+        _copy_rows([(f, None) for f in files], partial, attrs, block_rows)
     finally:
         for f in files:
             f.close()
-    os.replace(partial, out)
+    os.replace(screen_outliers(partial, outlier_factor, drop_outliers), out)
     return out
+
+
+def _stored_dtype(f: h5py.File) -> str:
+    """The storage dtype of a cache file (files without the attribute are float16 or float32 by HDF5 type)."""
+    dt = f["base"].attrs.get("dtype")
+    if dt is not None:
+        return dt.decode() if isinstance(dt, bytes) else str(dt)
+    return {np.dtype(np.float16): "float16", np.dtype(np.float32): "float32"}.get(f["base"].dtype, "float32")
+
+
+def summary(path: str | Path) -> dict:
+    """What a metrics.json should say about a cache: its size, what was excluded, and the norms."""
+    c = ActivationCache(path)
+    keys = ("sink_rows_excluded", "outlier_factor", "outlier_rows", "outlier_max_ratio", "outliers_dropped",
+            "norm_base", "norm_chat", "norm_ratio")
+    return {"rows": c.n, "dtype": c.dtype, **{k: c.attrs[k] for k in keys if k in c.attrs}}
 
 
 # ---- readers ----------------------------------------------------------------------------------------------
@@ -313,6 +435,8 @@ class ActivationCache:
             if f["chat"].shape != (self.n, self.d_model):
                 raise CacheError(f"{path}: base {f['base'].shape} and chat {f['chat'].shape} differ in shape")
             self.chunk_rows = (f["base"].chunks or (min(self.n, 4096),))[0]
+            self.dtype = _stored_dtype(f)
+            self._np_dtype = f["base"].dtype
             self.attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
             self.fields = [k for k in f if isinstance(f[k], h5py.Dataset)]
 
@@ -320,9 +444,19 @@ class ActivationCache:
         return self.n
 
     def _read_rows(self, f: h5py.File, a: int, b: int) -> np.ndarray:
-        buf = np.empty((b - a, 2, self.d_model), np.float16)
+        buf = np.empty((b - a, 2, self.d_model), self._np_dtype)
         buf[:, 0], buf[:, 1] = f["base"][a:b], f["chat"][a:b]
         return buf
+
+    def _tensor(self, buf: np.ndarray, rows: np.ndarray, device) -> Tensor:
+        """Stored rows -> (B, 2, d) float32; a non-finite row is an error naming it (never trained on)."""
+        x = from_storage(buf, self.dtype)
+        bad = ~torch.isfinite(x).all(-1).all(-1)
+        if bad.any():
+            raise CacheError(f"{self.path}: non-finite activations in {int(bad.sum())} rows, first at row "
+                             f"{int(rows[int(bad.nonzero()[0, 0])])}; rewrite the cache with activations.dtype: "
+                             "bfloat16 or float32")
+        return x.to(device)
 
     def _epoch_plan(self, batch_size: int, seed: int, epoch: int, buffer_rows: int):
         """Per group of chunks: (chunk ids, batches as global row indices). A pure function of the arguments,
@@ -351,7 +485,7 @@ class ActivationCache:
         exactly where a run with the same arguments stopped, without reading the skipped data.
         """
         seen = 0
-        held_idx, held = np.empty(0, np.int64), np.empty((0, 2, self.d_model), np.float16)
+        held_idx, held = np.empty(0, np.int64), np.empty((0, 2, self.d_model), self._np_dtype)
         with h5py.File(self.path, "r") as f:
             for ids, batches in self._epoch_plan(batch_size, seed, epoch, buffer_rows):
                 if seen + len(batches) <= skip_batches:
@@ -369,7 +503,7 @@ class ActivationCache:
                 for batch in batches:
                     if seen >= skip_batches:
                         local = sorter[np.searchsorted(idx, batch, sorter=sorter)]
-                        yield torch.from_numpy(data[local]).to(device).float()
+                        yield self._tensor(data[local], batch, device)
                     seen += 1
                 used = np.zeros(len(idx), bool)
                 used[sorter[np.searchsorted(idx, need, sorter=sorter)]] = True
@@ -388,7 +522,7 @@ class ActivationCache:
                 out = {}
                 for k in fields:
                     if k == "acts":
-                        out[k] = torch.from_numpy(self._read_rows(f, a, b)).to(device).float()
+                        out[k] = self._tensor(self._read_rows(f, a, b), np.arange(a, b), device)
                     else:
                         out[k] = torch.from_numpy(f[k][a:b]).to(device)
                 yield out

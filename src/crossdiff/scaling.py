@@ -64,6 +64,11 @@ class ScalingStats:
             raise ValueError(f"shape mismatch: f {tuple(f.shape)}, x {tuple(x.shape)}, W_dec {tuple(W_dec.shape)}")
         if n == 0:
             return
+        if not (torch.isfinite(x).all() and torch.isfinite(f).all()):
+            bad = (~torch.isfinite(x).flatten(1).all(1) | ~torch.isfinite(f).all(1)).nonzero()[:, 0]
+            raise ValueError(f"Latent Scaling: non-finite activations in {bad.numel()} rows of this batch "
+                             f"(first at batch row {int(bad[0])}); an overflowed cache cannot be scaled — "
+                             "rewrite it with activations.dtype: bfloat16 or float32")
         if sparse is not False:
             flat = f.reshape(-1)
             idx = flat.nonzero().squeeze(1)                             # one pass over f; row-major = CSR order
