@@ -8,12 +8,14 @@ rule collect_examples:
         model=f"{CC}/{{variant}}/model.safetensors",
         latents=f"{ANALYSIS}/{{variant}}/latents.parquet",
         val=f"{ACTS}/val.h5",
+        behaviours=[f"results/validate/{PAIR}/behaviours.json"] if TOY else [],
     output:
         f"{AUTOINTERP}/{{variant}}/examples.parquet",
     params:
         cc=lambda w: CC,
         chat_model=lambda w: CHAT_MODEL,
         p=params_of("collect_examples"),
+        behaviours=lambda w, input: f"--behaviours {input.behaviours} --variant {w.variant}" if TOY else "",
     log:
         log_of("collect_examples", "-{variant}"),
     threads: workflow.cores
@@ -21,7 +23,8 @@ rule collect_examples:
         ENV
     shell:
         "python workflow_scripts/collect_examples.py --params {params.p:q} --crosscoder {params.cc}/{wildcards.variant}"
-        " --latents {input.latents} --val {input.val} --tokenizer {params.chat_model:q} --out {output} 2>&1 | tee {log}"
+        " --latents {input.latents} --val {input.val} --tokenizer {params.chat_model:q} --out {output}"
+        " {params.behaviours} 2>&1 | tee {log}"
 
 
 rule explain_and_score:

@@ -106,6 +106,12 @@ def test_select_latents_ranks_chat_only_by_nu_and_samples_shared():
     shared = sel.filter(pl.col("klass") == "shared")["latent"].to_list()
     assert len(shared) == 2 and set(shared) <= {4, 5, 6, 7}
     assert ex.select_latents(lat, 2, 2, seed=0).equals(sel)
+    assert set(sel["why"]) == {"nu", "control"}
+    # latents that detect a planted behaviour are added whatever their class; dead or already picked are not
+    more = ex.select_latents(lat, 2, 2, seed=0, behaviour_latents=[0, 1, 3, 7, 99])
+    assert more.head(sel.height).equals(sel)
+    extra = more.filter(pl.col("why") == "behaviour")
+    assert set(extra["latent"]) == {0, 7} - set(shared) and more["latent"].n_unique() == more.height
 
 
 def test_examples_table(examples, acts, selected):
@@ -320,6 +326,13 @@ def test_latent_scores_and_summary():
     table = pl.DataFrame([{"latent": 1, "klass": "chat_only", **s}, {"latent": 2, "klass": "shared", **s}])
     m = scoring.summarise(table)
     assert m["chat_only"]["ba_similar"] == pytest.approx(0.5) and m["shared"]["n"] == 1 and m["unparsed_fraction"] == 0
+    # a behaviour-selected latent is summarised apart: the class means stay the ν-ranked / control ones
+    worse = {**s, "ba_similar": 0.0}
+    table = pl.DataFrame([{"latent": 1, "klass": "chat_only", "why": "nu", **s},
+                          {"latent": 3, "klass": "chat_only", "why": "behaviour", **worse}])
+    m = scoring.summarise(table)
+    assert m["chat_only"]["n"] == 1 and m["chat_only"]["ba_similar"] == pytest.approx(0.5)
+    assert m["behaviour_latents"]["n"] == 1 and m["behaviour_latents"]["ba_similar"] == 0.0
 
 
 # ---------------------------------------------------------------- constrained outputs

@@ -1,7 +1,13 @@
-"""Collect each selected latent's activating windows (by tercile) and its similar/random negatives."""
+"""Collect each selected latent's activating windows (by tercile) and its similar/random negatives.
+
+With --behaviours (the embedded pair's planted behaviours, from validate_behaviours), the latents that
+best detect a behaviour (AUROC >= autointerp.behaviour_auroc) are collected too, so that their
+explanations can be checked against that behaviour.
+"""
 
 from crossdiff import cli, io
 from crossdiff.autointerp.examples import collect_examples
+from crossdiff.autointerp.ground_truth import behaviour_latents
 
 
 def main(argv=None) -> None:
@@ -11,10 +17,18 @@ def main(argv=None) -> None:
     p.add_argument("--val", required=True, help="validation activation cache (HDF5)")
     p.add_argument("--tokenizer", required=True, help="tokenizer dir or HF id (the chat model's)")
     p.add_argument("--out", required=True, help="examples.parquet")
+    p.add_argument("--behaviours", default=None, help="behaviours.json of the pair (planted behaviours), optional")
+    p.add_argument("--variant", default=None, help="this crosscoder variant's name in behaviours.json")
     args, params = cli.parse(p, argv)
     ai = params["autointerp"]
+    extra = []
+    if args.behaviours:
+        variants = io.read_json(args.behaviours).get("variants", {})
+        if args.variant not in variants:
+            raise SystemExit(f"--variant {args.variant!r} is not in {args.behaviours} (has {sorted(variants)})")
+        extra = sorted(behaviour_latents(variants[args.variant], ai["behaviour_auroc"]))
     examples = collect_examples(args.crosscoder, args.latents, args.val, args.tokenizer, ai,
-                                device=cli.resolve_device("auto"))
+                                device=cli.resolve_device("auto"), behaviour_latents=extra)
     io.write_parquet(args.out, examples)
 
 

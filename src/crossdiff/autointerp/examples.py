@@ -31,9 +31,13 @@ N_TERCILES = 3
 SPLITS = ("explain", "score", "negative_similar", "negative_random")
 
 
-def select_latents(latents: pl.DataFrame, n_chat_only: int, n_shared: int, seed: int) -> pl.DataFrame:
+def select_latents(latents: pl.DataFrame, n_chat_only: int, n_shared: int, seed: int,
+                   behaviour_latents: Sequence[int] = ()) -> pl.DataFrame:
     """Chat-only latents ranked by ν (rank_nu ascending = most chat-specific), plus a seeded sample of
-    shared latents as a control. Dead latents are never selected. Columns: latent, klass."""
+    shared latents as a control, plus `behaviour_latents` (those that best detect a planted behaviour,
+    whatever their class: the ground truth that explanations are checked against). Dead latents are
+    never selected. Columns: latent, klass, why ("nu", "control" or "behaviour"; a latent selected
+    twice keeps its first reason)."""
     missing = {"latent", "klass", "rank_nu", "dead"} - set(latents.columns)
     if missing:
         raise ValueError(f"latents table lacks columns {sorted(missing)}")
@@ -46,7 +50,10 @@ def select_latents(latents: pl.DataFrame, n_chat_only: int, n_shared: int, seed:
     if chat.height < n_chat_only or shared.height < n_shared:
         log.warning("selected %d/%d chat-only and %d/%d shared latents (not enough alive)",
                     chat.height, n_chat_only, shared.height, n_shared)
-    return pl.concat([chat, shared]).select("latent", "klass")
+    picked = pl.concat([chat.with_columns(why=pl.lit("nu")), shared.with_columns(why=pl.lit("control"))])
+    extra = alive.filter(pl.col("latent").is_in(list(behaviour_latents)) & ~pl.col("latent").is_in(picked["latent"].to_list()))
+    picked = pl.concat([picked, extra.sort("latent").with_columns(why=pl.lit("behaviour"))])
+    return picked.select("latent", "klass", "why")
 
 
 @dataclass
@@ -174,6 +181,7 @@ def collect(acts: SparseActs, selected: pl.DataFrame, tokenizer, window: int, n_
     """The examples table: one row per (latent, window, split); see SPLITS. Per-token activations included."""
     latents = selected["latent"].to_list()
     klass = dict(zip(latents, selected["klass"].to_list()))
+    why = dict(zip(latents, selected["why"].to_list())) if "why" in selected.columns else {}
     starts = window_starts(acts.seq, window)
     ends = np.r_[starts[1:], len(acts.seq)]
     wmax = window_max(acts, starts, len(latents))
@@ -219,18 +227,18 @@ def collect(acts: SparseActs, selected: pl.DataFrame, tokenizer, window: int, n_
             mine = cols_sorted[lo:hi] == k
             per_tok[rows_sorted[lo:hi][mine] - a] = vals_sorted[lo:hi][mine]
             ids = acts.tokens[a:b]
-            rows.append(dict(latent=latent, klass=klass[latent], split=split, tercile=tercile, window=w,
+            rows.append(dict(latent=latent, klass=klass[latent], why=why.get(latent), split=split, tercile=tercile, window=w,
                              seq=int(acts.seq[a]), pos=int(acts.pos[a]), max_act=float(wmax[w, k]),
                              token_ids=ids.tolist(), acts=per_tok.tolist(),
                              tokens=[token_str[int(t)] for t in ids], text=texts[w]))
-    schema = {"latent": pl.Int64, "klass": pl.Utf8, "split": pl.Utf8, "tercile": pl.Int8, "window": pl.Int64,
-              "seq": pl.Int64, "pos": pl.Int64, "max_act": pl.Float32, "token_ids": pl.List(pl.Int32),
+    schema = {"latent": pl.Int64, "klass": pl.Utf8, "why": pl.Utf8, "split": pl.Utf8, "tercile": pl.Int8,
+              "window": pl.Int64, "seq": pl.Int64, "pos": pl.Int64, "max_act": pl.Float32, "token_ids": pl.List(pl.Int32),
               "acts": pl.List(pl.Float32), "tokens": pl.List(pl.Utf8), "text": pl.Utf8}
     return pl.DataFrame(rows, schema=schema)
 
 
 def collect_examples(crosscoder_dir, latents_path, val_path, tokenizer_path, params: dict,
-                     device: str | torch.device = "cpu") -> pl.DataFrame:
+                     device: str | torch.device = "cpu", behaviour_latents: Sequence[int] = ()) -> pl.DataFrame:
     """The `collect_examples` stage: select latents, stream the val cache, pick windows and negatives."""
     from transformers import AutoTokenizer
 
@@ -238,7 +246,7 @@ def collect_examples(crosscoder_dir, latents_path, val_path, tokenizer_path, par
     from ..crosscoder import CrossCoder
 
     selected = select_latents(pl.read_parquet(latents_path), params["n_chat_only"], params["n_shared"],
-                              params["seed"])
+                              params["seed"], behaviour_latents)
     log.info("selected %d latents: %s", selected.height, selected.group_by("klass").len().rows())
     crosscoder = CrossCoder.load(crosscoder_dir, device=device).eval()
     acts = stream_activations(crosscoder, ActivationCache(val_path), selected["latent"].to_list(),

@@ -65,7 +65,8 @@ def explain(client: LLMClient, examples: pl.DataFrame, seed: int, constraint: Co
     for (latent,), ex in examples.filter(pl.col("split") == "explain").group_by("latent", maintain_order=True):
         ex = ex[_rng(seed, latent).permutation(ex.height).tolist()]
         messages = prompts.explainer_messages(list(zip(ex["tokens"].to_list(), ex["acts"].to_list())), constraint.style)
-        records.append({"latent": latent, "klass": ex["klass"][0], "prompt_hash": prompts.prompt_hash(messages)})
+        why = ex["why"][0] if "why" in ex.columns else None  # nu / control / behaviour (examples.select_latents)
+        records.append({"latent": latent, "klass": ex["klass"][0], "why": why, "prompt_hash": prompts.prompt_hash(messages)})
         requests.append(messages)
     extras = [constraint.explain_extras()] * len(requests)
     for rec, response in zip(records, client.complete_many(requests, "explain", on_result, extras)):
@@ -107,7 +108,7 @@ def score(client: LLMClient, examples: pl.DataFrame, explanations: list[dict], b
     rows = []
     for rec in explanations:
         mine = preds.filter(pl.col("latent") == rec["latent"])
-        rows.append({"latent": rec["latent"], "klass": rec["klass"], **scoring.latent_scores(mine)})
+        rows.append({"latent": rec["latent"], "klass": rec["klass"], "why": rec.get("why"), **scoring.latent_scores(mine)})
     return pl.DataFrame(rows), preds, parsed
 
 

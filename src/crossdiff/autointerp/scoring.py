@@ -59,15 +59,26 @@ def latent_scores(preds: pl.DataFrame) -> dict:
     return out
 
 
+def _means(sub: pl.DataFrame) -> dict:
+    out = {"n": sub.height}
+    for col in ("ba_similar", "ba_random", "recall_t0", "recall_t1", "recall_t2"):
+        vals = sub[col].drop_nans().drop_nulls() if sub.height else sub[col]
+        out[col] = float(vals.mean()) if len(vals) else math.nan
+    return out
+
+
 def summarise(scores: pl.DataFrame) -> dict:
-    """metrics.json: mean detection score of chat-only vs shared latents, with similar vs random negatives."""
+    """metrics.json: mean detection score of chat-only vs shared latents, with similar vs random negatives.
+
+    The class means are over the ν-ranked chat-only latents and the random shared control; latents added
+    because they detect a planted behaviour (`why` == "behaviour") are summarised on their own.
+    """
     out: dict = {"n_latents": scores.height}
+    behaviour = pl.col("why") == "behaviour" if "why" in scores.columns else pl.lit(False)
     for klass in ("chat_only", "shared"):
-        sub = scores.filter(pl.col("klass") == klass)
-        out[klass] = {"n": sub.height}
-        for col in ("ba_similar", "ba_random", "recall_t0", "recall_t1", "recall_t2"):
-            vals = sub[col].drop_nans().drop_nulls() if sub.height else sub[col]
-            out[klass][col] = float(vals.mean()) if len(vals) else math.nan
+        out[klass] = _means(scores.filter((pl.col("klass") == klass) & ~behaviour.fill_null(False)))
+    if "why" in scores.columns:
+        out["behaviour_latents"] = _means(scores.filter(behaviour.fill_null(False)))
     n_items = int(scores["n_pos"].sum() + scores["n_neg_similar"].sum() + scores["n_neg_random"].sum())
     out["unparsed_fraction"] = float(scores["n_unparsed"].sum() / n_items) if n_items else math.nan
     return out
