@@ -14,6 +14,11 @@ refuse_if_dvc_running(workflow.basedir)
 PAIR = config["pair"]
 LAYER = config["layer"]
 TOY = config["models"]["base"] == "toy"
+# models.base "package:NAME": real weights that ship in a package (crossdiff.packaged), exported by a rule;
+# models.chat "finetune": a chat model the pipeline fine-tunes from the base on the embedded chat corpus.
+PACKAGED = config["models"]["base"].removeprefix("package:") if config["models"]["base"].startswith("package:") else None
+FINETUNED = config["models"]["chat"] == "finetune"
+BUILT = TOY or FINETUNED  # the pipeline builds the pair, so it has the planted behaviours' labels
 VARIANTS = list(config["crosscoders"])
 SPLITS = ["train", "val"]
 
@@ -28,30 +33,34 @@ REPORT = f"results/report/{PAIR}"
 LOGS = "results/logs"
 ENV = "../envs/crossdiff.yaml"
 
-# Model weights: built by `models` for the toy pair, otherwise HF ids / local dirs.
-BASE_MODEL = f"{MODELS}/base" if TOY else config["models"]["base"]
-CHAT_MODEL = f"{MODELS}/chat" if TOY else config["models"]["chat"]
-MODEL_INPUTS = [f"{MODELS}/base", f"{MODELS}/chat", f"{MODELS}/data"] if TOY else []
+# Model weights: built by `models` for a built pair, otherwise HF ids / local dirs.
+PACKAGED_DIR = f"results/models/packaged/{PACKAGED}" if PACKAGED else None
+BASE_MODEL = f"{MODELS}/base" if BUILT else (PACKAGED_DIR or config["models"]["base"])
+CHAT_MODEL = f"{MODELS}/chat" if BUILT else config["models"]["chat"]
+MODEL_INPUTS = [f"{MODELS}/base", f"{MODELS}/chat", f"{MODELS}/data"] if BUILT else ([PACKAGED_DIR] if PACKAGED else [])
 
-# rule -> params keys it reads ("{variant}" filled per job). The library code each rule runs is not listed
+# rule -> params keys it reads ("{variant}" filled per job). Stages that load a language model declare
+# `models` and `device` and read them through cfg.Runtime. The library code each rule runs is not listed
 # here: sync_dvc.py derives it from the import closure of the rule's workflow script.
 STAGES = {
     "build_toy_pair": ["toy"],
+    "export_packaged_model": ["models"],
+    "finetune_chat": ["finetune"],
     "build_corpus": ["models", "corpus", "seed", "toy.seed"] if TOY else ["models", "corpus", "seed"],
     "cache_activations": ["models", "layer", "activations", "device"],
     "merge_activations": ["activations"],
     "train_crosscoder": ["crosscoders.{variant}", "seed", "device"],
     "analyse_latents": ["analysis"],
     "compare_variants": ["analysis"],
-    "generate_eval_set": ["models", "causal"],
-    "causal_kl": ["models", "layer", "causal"],
+    "generate_eval_set": ["models", "causal", "device"],
+    "causal_kl": ["models", "layer", "causal", "device"],
     "collect_examples": ["autointerp"],
-    "explain_and_score": ["autointerp", "models"],
+    "explain_and_score": ["autointerp", "models", "device"],
     "validate_synthetic": ["validate", "crosscoders", "analysis"],
     "validate_behaviours": ["analysis"],
     # the report prints the run's params, so it declares every key the pipeline's outputs depend on
     "render_report": ["report", "pair", "layer", "seed", "models", "corpus", "activations", "crosscoders",
-                      "analysis", "causal", "autointerp"] + (["toy"] if TOY else []),
+                      "analysis", "causal", "autointerp"] + (["toy"] if TOY else []) + (["finetune"] if FINETUNED else []),
 }
 
 

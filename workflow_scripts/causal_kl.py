@@ -8,6 +8,7 @@ from pathlib import Path
 import polars as pl
 
 from crossdiff import causal, cli, io
+from crossdiff.config import Runtime
 from crossdiff.crosscoder import CrossCoder
 from crossdiff.models import load_pair
 
@@ -21,11 +22,12 @@ def main(argv=None) -> None:
     p.add_argument("--latents", required=True, help="latents.parquet of this crosscoder")
     p.add_argument("--variant", required=True, help="crosscoder variant name (a params.yaml crosscoders: key)")
     p.add_argument("--out", required=True, help="output dir: kl.parquet, metrics.json, figures/")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default=None, help="overrides params `device` (auto | cpu | cuda[:N])")
     args, params = cli.parse(p, argv)
-    cp, layer, device = params["causal"], params["layer"], cli.resolve_device(args.device)
+    cp, layer, rt = params["causal"], params["layer"], Runtime.from_params(params, args.device)
+    device = cli.resolve_device(rt.device)
     t0 = time.perf_counter()
-    pair = load_pair(args.base, args.chat, layer=layer, dtype=params["models"]["dtype"], device=device)
+    pair = load_pair(args.base, args.chat, layer=layer, dtype=rt.dtype, device=device)
     cc = CrossCoder.load(args.crosscoder, device=device)
     eval_set = pl.read_parquet(args.eval_set)
     sets = causal.latent_sets(pl.read_parquet(args.latents), top_n=cp.get("top_n"))

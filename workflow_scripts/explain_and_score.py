@@ -16,6 +16,7 @@ import polars as pl
 from crossdiff import cli, io
 from crossdiff.autointerp import ground_truth
 from crossdiff.autointerp.pipeline import explain_and_score, open_endpoint
+from crossdiff.config import Runtime
 from crossdiff.toy.corpus import DESCRIPTIONS  # the embedded pair's planted behaviours, one line each
 
 log = logging.getLogger("explain_and_score")
@@ -31,10 +32,11 @@ def main(argv=None) -> None:
     p.add_argument("--variant", default=None, help="this crosscoder variant's name in behaviours.json")
     args, params = cli.parse(p, argv)
     ai, out = params["autointerp"], Path(args.out)
-    dtype = params.get("models", {}).get("dtype", "auto")
+    rt = Runtime.from_params(params)  # the served model's device and dtype, as every model-loading stage
     examples = pl.read_parquet(args.examples)
     t0 = time.perf_counter()
-    with open_endpoint(ai, args.cache, serve_model=args.serve_model, dtype=dtype) as client:
+    with open_endpoint(ai, args.cache, serve_model=args.serve_model, dtype=rt.dtype,
+                       device=rt.device) as client:
         explanations, scores, metrics = explain_and_score(examples, client, ai)
     metrics["stage_wall_s"] = time.perf_counter() - t0  # with the local server's start-up
     if args.behaviours:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -74,6 +75,31 @@ def select(cfg: Mapping, keys: Iterable[str], **wildcards: str) -> dict:
             node = node.setdefault(part, {})
         node[parts[-1]] = copy.deepcopy(get(cfg, ".".join(parts)))
     return out
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and in what precision a stage runs a language model: params `device` and `models.dtype`.
+
+    Every model-loading stage declares `models` and `device` in STAGES and builds this once from its params
+    slice, so `device: cuda:1` reaches all of them (reading it four ways let two stages ignore it). The
+    defaults are params.yaml's (a test keeps them equal); they apply only to slices built by hand in tests.
+    """
+
+    device: str = "auto"
+    dtype: str = "float32"
+
+    @classmethod
+    def from_params(cls, params: Mapping, device: str | None = None) -> Runtime:
+        """`device`: an explicit override (a script's --device), else params `device`."""
+        models = params.get("models", {})
+        out = cls(device=device or params.get("device", cls.device), dtype=models.get("dtype", cls.dtype))
+        if out.dtype not in DTYPES:
+            raise ParamsError(f"params key `models.dtype`: {out.dtype!r} is not one of {list(DTYPES)}")
+        return out
+
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def dumps(obj: Any) -> str:

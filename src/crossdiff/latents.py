@@ -29,6 +29,7 @@ CLASSES = ("base_only", "shared", "chat_only", "other")
 SCALING_COLUMNS = ("beta_err_base", "beta_err_chat", "beta_rec_base", "beta_rec_chat", "nu_eps", "nu_r")
 COLUMNS = ("latent", "norm_base", "norm_chat", "delta_norm", "klass", "cos_sim", "freq", "dead", "f_template",
            *SCALING_COLUMNS, "max_act", "rank_nu")
+DEAD_FREQ = 1e-6  # params.yaml `analysis.dead_freq` (a test keeps them equal), for sections built by hand
 F_TEMPLATE = "share of a latent's positive activations (count, not mass) on template tokens"
 
 
@@ -111,7 +112,7 @@ def latent_table(crosscoder: CrossCoder, acts: ActivationStats, scaling: Scaling
         raise ValueError("activation / scaling statistics do not match the crosscoder's dictionary size")
     dn = delta_norm(norms[0], norms[1])
     freq = acts.fired / max(acts.n_tokens, 1)
-    dead = (acts.fired == 0) | (freq < params.get("dead_freq", 0.0))
+    dead = (acts.fired == 0) | (freq < params.get("dead_freq", DEAD_FREQ))
     with np.errstate(divide="ignore", invalid="ignore"):
         f_template = np.where(acts.fired > 0, acts.on_template / np.maximum(acts.fired, 1), np.nan)
     betas = scaling.betas(crosscoder.W_dec)

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def open_endpoint(params: dict, cache_dir: str | os.PathLike, serve_model: str | None = None,
-                  dtype: str = "auto", backoff_s: float = 1.0) -> Iterator[LLMClient]:
+                  dtype: str = "auto", backoff_s: float = 1.0, device: str = "auto") -> Iterator[LLMClient]:
     """An LLMClient on the configured endpoint, or on a local server started (and stopped) here."""
     ep = params["endpoint"]
     kw = dict(cache_dir=cache_dir, concurrency=ep["concurrency"], timeout_s=ep["timeout_s"],
@@ -41,7 +41,7 @@ def open_endpoint(params: dict, cache_dir: str | os.PathLike, serve_model: str |
     model = ep["model"] or serve_model
     if not model:
         raise ValueError("autointerp.endpoint: base_url and model are empty and no model to serve was given")
-    with server.serve(model, dtype=dtype, log_path=Path(cache_dir) / "server.log") as srv:
+    with server.serve(model, dtype=dtype, device=device, log_path=Path(cache_dir) / "server.log") as srv:
         client = LLMClient(srv.base_url, srv.model, **kw)
         client.server = srv  # the local server behind this client (for its request count and log)
         yield client
