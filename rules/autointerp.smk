@@ -8,14 +8,14 @@ rule collect_examples:
         model=f"{CC}/{{variant}}/model.safetensors",
         latents=f"{ANALYSIS}/{{variant}}/latents.parquet",
         val=f"{ACTS}/val.h5",
-        behaviours=[f"results/validate/{PAIR}/behaviours.json"] if TOY else [],
+        behaviours=[f"results/validate/{PAIR}/behaviours.json"] if BUILT else [],
     output:
         f"{AUTOINTERP}/{{variant}}/examples.parquet",
     params:
         cc=lambda w: CC,
         chat_model=lambda w: CHAT_MODEL,
         p=params_of("collect_examples"),
-        behaviours=lambda w, input: f"--behaviours {input.behaviours} --variant {w.variant}" if TOY else "",
+        behaviours=lambda w, input: f"--behaviours {input.behaviours} --variant {w.variant}" if BUILT else "",
     log:
         log_of("collect_examples", "-{variant}"),
     threads: workflow.cores
@@ -31,7 +31,7 @@ rule explain_and_score:
     input:
         MODEL_INPUTS,
         examples=f"{AUTOINTERP}/{{variant}}/examples.parquet",
-        behaviours=[f"results/validate/{PAIR}/behaviours.json"] if TOY else [],
+        behaviours=[f"results/validate/{PAIR}/behaviours.json"] if BUILT else [],
     output:
         explanations=f"{AUTOINTERP}/{{variant}}/explanations.jsonl",
         scores=f"{AUTOINTERP}/{{variant}}/scores.parquet",
@@ -41,7 +41,7 @@ rule explain_and_score:
         chat_model=lambda w: CHAT_MODEL,
         p=params_of("explain_and_score"),
         cache=f"results/llm_cache/{PAIR}",
-        behaviours=lambda w, input: f"--behaviours {input.behaviours} --variant {w.variant}" if TOY else "",
+        behaviours=lambda w, input: f"--behaviours {input.behaviours} --variant {w.variant}" if BUILT else "",
     log:
         log_of("explain_and_score", "-{variant}"),
     threads: workflow.cores

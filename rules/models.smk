@@ -1,5 +1,7 @@
 # Stage 1: the model pair. For the embedded toy pair this builds corpora, tokenizer, base and chat
-# models offline; for a real pair (HF ids / local dirs) there is nothing to build.
+# models offline; for a packaged real base it exports the weights, and with `models.chat: finetune` it
+# fine-tunes the chat model on the embedded chat corpus; for a real pair (HF ids / local dirs) there is
+# nothing to build.
 
 
 if TOY:
@@ -24,6 +26,48 @@ if TOY:
             "python workflow_scripts/build_toy_pair.py --params {params.p:q} --out {params.models} 2>&1 | tee {log}"
 
 
+if PACKAGED:
+
+    rule export_packaged_model:
+        output:
+            directory(PACKAGED_DIR),
+        params:
+            name=PACKAGED,
+            p=params_of("export_packaged_model"),
+        log:
+            log_of("export_packaged_model"),
+        resources:
+            mem_mb=4000,
+        conda:
+            ENV
+        shell:
+            "python workflow_scripts/export_packaged_model.py --params {params.p:q} --name {params.name} --out {output} 2>&1 | tee {log}"
+
+
+if FINETUNED:
+
+    rule finetune_chat:
+        input:
+            base=PACKAGED_DIR or config["models"]["base"],
+        output:
+            base=directory(f"{MODELS}/base"),
+            chat=directory(f"{MODELS}/chat"),
+            data=directory(f"{MODELS}/data"),
+            metrics=f"{MODELS}/metrics.json",
+        params:
+            models=lambda w: MODELS,
+            p=params_of("finetune_chat"),
+        log:
+            log_of("finetune_chat"),
+        threads: workflow.cores
+        resources:
+            mem_mb=8000,
+        conda:
+            ENV
+        shell:
+            "python workflow_scripts/finetune_chat.py --params {params.p:q} --base {input.base} --out {params.models} 2>&1 | tee {log}"
+
+
 rule models:
     input:
-        [f"{MODELS}/metrics.json"] if TOY else [],
+        [f"{MODELS}/metrics.json"] if BUILT else [],

@@ -3,7 +3,7 @@
 
 rule render_report:
     input:
-        models=[f"{MODELS}/metrics.json"] if TOY else [],
+        models=[f"{MODELS}/metrics.json"] if BUILT else [],
         training=expand(f"{CC}/{{variant}}/metrics.json", variant=VARIANTS),
         latents=expand(f"{ANALYSIS}/{{variant}}/latents.parquet", variant=VARIANTS),
         comparison=f"{ANALYSIS}/comparison/metrics.json",
@@ -11,7 +11,7 @@ rule render_report:
         examples=expand(f"{AUTOINTERP}/{{variant}}/examples.parquet", variant=VARIANTS),
         scores=expand(f"{AUTOINTERP}/{{variant}}/scores.parquet", variant=VARIANTS),
         validate="results/validate/metrics.json",
-        behaviours=[f"results/validate/{PAIR}/behaviours.json"] if TOY else [],
+        behaviours=[f"results/validate/{PAIR}/behaviours.json"] if BUILT else [],
     output:
         index=f"{REPORT}/index.html",
         latents=directory(f"{REPORT}/latents"),

@@ -17,7 +17,7 @@ rule validate_synthetic:
         "python workflow_scripts/validate_synthetic.py --params {params.p:q} --out results/validate 2>&1 | tee {log}"
 
 
-if TOY:
+if BUILT:
 
     rule validate_behaviours:
         input:
@@ -44,4 +44,4 @@ if TOY:
 rule validate:
     input:
         "results/validate/metrics.json",
-        [f"results/validate/{PAIR}/behaviours.json"] if TOY else [],
+        [f"results/validate/{PAIR}/behaviours.json"] if BUILT else [],

@@ -122,8 +122,9 @@ def chat_rows(tokenizer, conversations: Sequence[Sequence[dict]], max_len: int) 
 
 
 def _optimizer(model, lr: float) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.dim() >= 2]  # nanoGPT: no decay on norms
-    rest = [p for p in model.parameters() if p.dim() < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]  # all, or only adapters (crossdiff.lora)
+    decay = [p for p in trainable if p.dim() >= 2]  # nanoGPT: no decay on norms
+    rest = [p for p in trainable if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
                              lr=lr, betas=(0.9, 0.95))
 
@@ -164,11 +165,16 @@ class _Batches:
         return [self.rows[i] for i in self.queue.pop()]
 
 
+def causal_lm_loss(model, ids, att, labels):
+    """HF's causal-LM loss: mean cross-entropy over the target positions (-100 elsewhere)."""
+    return model(input_ids=ids, attention_mask=att, labels=labels).loss
+
+
 def train(model, sources: Sequence[tuple[Sequence[Row], float]], steps: int, batch_size: int, lr: float,
-          seed: int, pad_id: int, desc: str) -> dict:
-    """AdamW on batches drawn from `(rows, weight)` sources (a whole batch per draw, so each batch
-    is length-bucketed within one source). The loss is the mean cross-entropy over target positions
-    (HF's causal-LM loss with -100 labels). Returns the loss curve and the tokens seen.
+          seed: int, pad_id: int, desc: str, loss_fn=causal_lm_loss) -> dict:
+    """AdamW on the trainable parameters, batches drawn from `(rows, weight)` sources (a whole batch per draw,
+    so each batch is length-bucketed within one source). `loss_fn(model, ids, att, labels)` is the mean
+    cross-entropy over target positions. Returns the loss curve and the tokens seen.
     """
     g = torch.Generator().manual_seed(seed)
     streams = [_Batches(rows, batch_size, g) for rows, w in sources if w > 0]
@@ -181,9 +187,9 @@ def train(model, sources: Sequence[tuple[Sequence[Row], float]], steps: int, bat
     bar = tqdm(range(steps), desc=desc, mininterval=2.0)
     for _ in bar:
         ids, att, labels = collate(streams[int(torch.multinomial(weights, 1, generator=g))].next(), pad_id)
-        loss = model(input_ids=ids, attention_mask=att, labels=labels).loss
+        loss = loss_fn(model, ids, att, labels)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)

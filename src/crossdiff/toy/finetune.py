@@ -1,0 +1,167 @@
+"""A chat fine-tune of a real pretrained base on the embedded chat corpus, with the toy pair's planted behaviours.
+
+This is how a real-base pair is made offline (DESIGN §5b): the base is real (e.g. Gemma 3 270M from its
+package), the chat model is that base after supervised chat tuning on the generated conversations, so every
+planted behaviour and label of the toy pair carries over and the method can be checked against them.
+
+Cheap enough for 2 CPU cores: LoRA adapters on every projection of every layer (so layers <= L change, and
+with them the activations the crosscoder reads), merged back before saving; the loss is on assistant tokens
+only, and the vocabulary head (262k rows for Gemma 3, most of a forward pass) runs only at those positions.
+
+Output layout = the toy pair's (`{out}/base`, `{out}/chat`, `{out}/data`, `{out}/metrics.json`), so every later
+stage and the report read it the same way; `base` is a copy of the input folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import polars as pl
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .. import io, lora
+from ..cli import seed_everything
+from . import corpus, evaluate
+from .build import _save, _threads, chat_rows, train, web_rows, write_corpora
+from .tokenizer import END
+
+log = logging.getLogger(__name__)
+
+BALANCE = {"helpful": 2.0, "false_fact_correction": 2.0}  # relative draw weight; other behaviours 1
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """The `finetune:` section of params.yaml (defaults = params.yaml)."""
+
+    seed: int = 0
+    web_docs: int = 2000  # web documents of the generated corpus (the activation corpus's web half)
+    chat_convs: int = 4000
+    heldout_frac: float = 0.1
+    multi_turn_frac: float = 0.2
+    max_len: int = 128
+    steps: int = 240
+    batch_size: int = 16
+    lr: float = 1e-3
+    web_frac: float = 0.0  # share of batches that are web text (limits forgetting)
+    rank: int = 16
+    alpha: float = 32.0
+    eval_prompts: int = 16  # held-out prompts per behaviour in the success table
+    max_new_tokens: int = 24
+    threads: int = 0  # torch threads; 0 = all available cores
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "FinetuneConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown finetune params {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def target_loss(model, ids, att, labels):
+    """Mean next-token cross-entropy at target positions, with the LM head applied only there."""
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=att).last_hidden_state[:, :-1]  # after final norm
+    target = labels[:, 1:]
+    keep = target != -100
+    logits = model.get_output_embeddings()(hidden[keep]).float()
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    if cap:  # Gemma 2 style soft-cap, as the model's own forward applies it
+        logits = cap * torch.tanh(logits / cap)
+    return F.cross_entropy(logits, target[keep])
+
+
+@torch.no_grad()
+def heldout_loss(model, rows, pad_id: int, batch_size: int = 16) -> float:
+    """Mean next-token cross-entropy over all target positions of `rows` (tokens weigh equally)."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        ids, att, labels = evaluate.collate(rows[i: i + batch_size], pad_id)
+        n = int((labels[:, 1:] != -100).sum())
+        total += target_loss(model, ids, att, labels).item() * n
+        count += n
+    return total / count
+
+
+def finetune_pair(base_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                  params: Mapping[str, Any] | FinetuneConfig | None = None) -> dict:
+    """Write `{out}/base` (the base), `{out}/chat` (its chat fine-tune), `{out}/data`, `{out}/metrics.json`."""
+    cfg = params if isinstance(params, FinetuneConfig) else FinetuneConfig.from_dict(params or {})
+    out = Path(out_dir)
+    tmp = out.parent / f".{out.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.set_num_threads(cfg.threads or _threads())
+    seed_everything(cfg.seed)
+    timings, t0 = {}, time.perf_counter()
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    if not tokenizer.chat_template:
+        raise ValueError(f"{base_dir}: the tokenizer has no chat template to fine-tune on")
+    web, chat = write_corpora(tmp / "data", cfg)
+    split = {s: (web.filter(pl.col("split") == s), chat.filter(pl.col("split") == s)) for s in ("train", "heldout")}
+    train_chat = split["train"][1]
+    by_behaviour = {b: chat_rows(tokenizer, train_chat.filter(pl.col("behaviour") == b)["messages"].to_list(), cfg.max_len)
+                    for b in corpus.BEHAVIOURS}
+    chat_train = [r for rows in by_behaviour.values() for r in rows]
+    chat_held = chat_rows(tokenizer, split["heldout"][1]["messages"].to_list(), cfg.max_len)
+    web_train = web_rows(tokenizer, split["train"][0]["text"].to_list(), cfg.max_len)
+    web_held = web_rows(tokenizer, split["heldout"][0]["text"].to_list(), cfg.max_len)
+    pad = tokenizer.pad_token_id
+    stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END)]
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    chat_model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    adapters = lora.add_adapters(chat_model, cfg.rank, cfg.alpha)
+    log.info("chat fine-tune: %d adapter parameters, %d chat / %d web training rows",
+             sum(p.numel() for p in adapters), len(chat_train), len(web_train))
+    t = time.perf_counter()
+    # behaviours drawn evenly (helpful, with its three kinds, and fact-checking, the hardest, twice as often):
+    # a few hundred steps must teach every planted behaviour, not only the corpus's most frequent one
+    sources = [(rows, (1 - cfg.web_frac) * BALANCE.get(b, 1.0) / sum(BALANCE.get(k, 1.0) for k in by_behaviour))
+               for b, rows in by_behaviour.items() if rows] + [(web_train, cfg.web_frac)]
+    ft = train(chat_model, sources, cfg.steps, cfg.batch_size, cfg.lr, cfg.seed + 1, pad, "fine-tune chat (LoRA)",
+               loss_fn=target_loss)
+    timings["finetune"] = time.perf_counter() - t
+    lora.merge(chat_model)
+    chat_model.requires_grad_(False)
+
+    shutil.copytree(base_dir, tmp / "base")
+    _save(chat_model, tokenizer, tmp / "chat", stop_ids)
+
+    t = time.perf_counter()
+    models = {"base": base, "chat": chat_model}
+    losses = {"web_heldout": {k: heldout_loss(m, web_held[:64], pad) for k, m in models.items()},
+              "chat_heldout_responses": {k: heldout_loss(m, chat_held[:64], pad) for k, m in models.items()}}
+    prompts = evaluate.eval_prompts(chat, cfg.eval_prompts)
+    table, gens = evaluate.behaviour_table(models, tokenizer, prompts, cfg.max_new_tokens, stop_ids)
+    io.write_parquet(tmp / "data" / "generations.parquet", gens)
+    timings["evaluate"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+
+    metrics = {
+        "loss": losses,
+        "behaviours": table,
+        "train": {"finetune": {"final_loss": sum(ft["losses"][-20:]) / len(ft["losses"][-20:]),
+                               "tokens": ft["tokens"], "tokens_per_s": ft["tokens"] / timings["finetune"]}},
+        "adapter_params": sum(p.numel() for p in adapters),
+        "n_params": sum(p.numel() for p in base.parameters()),
+        "rows": {"chat_train": len(chat_train), "chat_heldout": len(chat_held)},
+        "time_s": timings,
+    }
+    io.write_json(tmp / "metrics.json", metrics)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    log.info("real-base pair written to %s in %.0f s", out, timings["total"])
+    return metrics

@@ -1,0 +1,73 @@
+"""Chat fine-tune of a real base (LoRA): the target loss equals HF's loss, adapters merge exactly, and the
+fine-tuned pair is written like the toy pair with its chat model changed at every layer."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from crossdiff import lora, testing
+from crossdiff.toy.evaluate import collate
+from crossdiff.toy.finetune import FinetuneConfig, finetune_pair, target_loss
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, tiny_tokenizer):
+    base, _ = testing.build_tiny_pair(tmp_path_factory.mktemp("g3"), "gemma3_text", tokenizer=tiny_tokenizer)
+    return base
+
+
+def _rows(tok):
+    rows = []
+    for msgs in testing.CHATS:
+        text = tok.apply_chat_template(msgs, tokenize=False)
+        ids = tok(text, add_special_tokens=False).input_ids
+        rows.append((ids, [i % 3 == 0 for i in range(len(ids))]))
+    return collate(rows, tok.pad_token_id)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3_text", "qwen2"])
+def test_target_loss_equals_hf_loss(arch, tiny_tokenizer):
+    """The head only at target positions (and Gemma 2's soft-cap) gives exactly the model's own loss."""
+    model = testing.tiny_model(arch, tiny_tokenizer)
+    ids, att, labels = _rows(tiny_tokenizer)
+    ref = model(input_ids=ids, attention_mask=att, labels=labels).loss
+    torch.testing.assert_close(target_loss(model, ids, att, labels), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_adapters_start_at_the_base_and_merge_exactly(tiny_tokenizer):
+    model = testing.tiny_model("gemma3_text", tiny_tokenizer)
+    ids, att, _ = _rows(tiny_tokenizer)
+    ref = model(input_ids=ids, attention_mask=att).logits
+    params = lora.add_adapters(model, rank=4, alpha=8)
+    assert all(p.requires_grad for p in params)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if not n.endswith((".A", ".B")))
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=att).logits, ref)  # B = 0 at the start
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.1)
+    adapted = model(input_ids=ids, attention_mask=att).logits
+    assert not torch.allclose(adapted, ref)
+    lora.merge(model)
+    assert not any(isinstance(m, lora.LoRALinear) for m in model.modules())
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=att).logits, adapted, rtol=1e-4, atol=1e-5)
+
+
+def test_finetune_pair_writes_a_changed_chat_model(base_dir, tmp_path):
+    cfg = FinetuneConfig(web_docs=40, chat_convs=120, steps=4, batch_size=4, eval_prompts=2, max_new_tokens=4,
+                         threads=1)
+    out = tmp_path / "pair"
+    metrics = finetune_pair(base_dir, out, cfg)
+    assert {p.name for p in out.iterdir()} == {"base", "chat", "data", "metrics.json"}
+    assert json.loads((out / "metrics.json").read_text())["behaviours"] == metrics["behaviours"]
+    assert set(metrics["behaviours"]) >= {"refusal", "joke", "helpful"}
+    assert metrics["train"]["finetune"]["tokens"] > 0 and metrics["adapter_params"] > 0
+    base, chat = load_file(out / "base" / "model.safetensors"), load_file(out / "chat" / "model.safetensors")
+    assert base.keys() == chat.keys()  # merged: the chat model is a plain model of the base's architecture
+    changed = {k for k in base if not torch.equal(base[k], chat[k])}
+    for layer in range(4):  # every layer changed, so the residual at any L differs
+        assert any(f"layers.{layer}." in k for k in changed), layer
+    assert not any("embed" in k or "norm" in k for k in changed)  # only the adapted projections
+    AutoModelForCausalLM.from_pretrained(out / "chat")
