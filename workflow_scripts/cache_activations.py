@@ -2,6 +2,7 @@
 
 from crossdiff import cli
 from crossdiff.cache import write_cache
+from crossdiff.config import Runtime
 from crossdiff.models import load_pair
 
 
@@ -14,8 +15,9 @@ def main(argv=None) -> None:
     p.add_argument("--shard", type=int, default=0)
     p.add_argument("--num-shards", type=int, default=1)
     args, params = cli.parse(p, argv)
-    device = cli.resolve_device(params.get("device", "auto"))
-    pair = load_pair(args.base, args.chat, layer=params["layer"], dtype=params["models"].get("dtype", "float32"), device=device)
+    rt = Runtime.from_params(params)
+    device = cli.resolve_device(rt.device)
+    pair = load_pair(args.base, args.chat, layer=params["layer"], dtype=rt.dtype, device=device)
     acts = params["activations"]
     write_cache(pair, params["layer"], args.corpus, args.out, batch_tokens=acts["batch_tokens"],
                 chunk_rows=acts["chunk_rows"], shard=args.shard, num_shards=args.num_shards, device=device,

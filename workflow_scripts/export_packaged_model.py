@@ -2,6 +2,7 @@
 HF folder (dequantised weights, tokenizer with its chat template) into --out."""
 
 from crossdiff import cli
+from crossdiff.config import Runtime
 from crossdiff.packaged import export_hf
 
 
@@ -10,7 +11,7 @@ def main(argv=None) -> None:
     p.add_argument("--name", required=True, help="packaged model name (crossdiff.packaged.MODELS), e.g. gemma-3-270m")
     p.add_argument("--out", required=True, help="results/models/packaged/{name}")
     args, params = cli.parse(p, argv)
-    export_hf(args.name, args.out, dtype=params["models"].get("dtype", "float32"))
+    export_hf(args.name, args.out, dtype=Runtime.from_params(params).dtype)
 
 
 if __name__ == "__main__":
