@@ -12,7 +12,7 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
-from _pipeline import digests, run, tiny_repo
+from _pipeline import BIN, digests, run, tiny_repo
 
 pytestmark = pytest.mark.slow
 
@@ -58,6 +58,15 @@ def test_snakemake_builds_every_product(smk_repo):
     missing = [p for p in PRODUCTS if not (smk_repo / p).exists()]
     assert not missing
     assert "Nothing to be done" in run("snakemake", "-n", cwd=smk_repo).stdout
+
+
+def test_demo_commit_step_leaves_dvc_clean(smk_repo):
+    """`make demo` ends with `make dvc-commit`: after it, DVC knows the Snakemake run (no stage to rebuild)."""
+    assert not (smk_repo / "dvc.lock").exists()
+    run("make", "-s", "dvc-commit", f"BIN={BIN}", cwd=smk_repo)
+    status = json.loads(run("dvc", "status", "--json", cwd=smk_repo).stdout)
+    assert status == {}, status
+    assert "Nothing to be done" in run("snakemake", "-n", cwd=smk_repo).stdout  # Snakemake's view is unchanged
 
 
 def test_dvc_repro_and_snakemake_produce_the_same_results(smk_repo, dvc_repo):
