@@ -254,7 +254,8 @@ def test_explainer_and_scorer_messages():
     # each answer style asks for the shape its server-side constraint enforces
     assert '{"reasoning"' in prompts.explainer_messages([(["a"], [1])], "json")[0]["content"]
     line = prompts.explainer_messages([(["a"], [1])], "constrained")[0]["content"]
-    assert "one line only" in line and prompts.EXPLANATION_TAG not in line
+    assert line.endswith("in one short sentence about these excerpts, with no preamble.")
+    assert prompts.EXPLANATION_TAG not in line
     assert "exactly 4 digits" in prompts.scorer_messages("x", [["a"]] * 4, "constrained")[0]["content"]
     assert '{"labels"' in prompts.scorer_messages("x", [["a"]] * 4, "json")[0]["content"]
     with pytest.raises(ValueError, match="answer style"):

@@ -23,23 +23,21 @@ EXPLANATION_TAG = "[EXPLANATION]:"
 EXPLAINER = """We are studying one latent feature of a language model's internal activations. Below are \
 text excerpts where the feature is active. In each excerpt the tokens on which it is active are marked \
 {open}like this{close}. The excerpts come from web text and from chat conversations; chat turns are \
-delimited by template tokens such as <start_of_turn> and <end_of_turn>, which can be marked too.
+delimited by template tokens such as <start_of_turn> and <end_of_turn>, which can be marked too. The \
+feature may respond to a word or token, a concept, a topic, a grammatical role, a position in the \
+conversation, or a behaviour of the assistant; consider the context around the marked tokens, not only \
+the tokens themselves. The excerpts span the whole range of activation strengths, from strong to weak.
 
 {examples}
 
-Find what the marked tokens have in common: a word or token, a concept, a topic, a grammatical role, a \
-position in the conversation, or a behaviour of the assistant. Consider the context around the marked \
-tokens, not only the tokens themselves. The excerpts span the whole range of activation strengths, from \
-strong to weak.
+What do the marked tokens have in common? {answer}"""
 
-{answer}"""
-
-# How the explainer is asked to answer, per answer style (see constrain.Constraint.style).
+# How the explainer is asked to answer, per answer style (see constrain.Constraint.style). The question
+# comes last, after the examples, and lists no kinds of answer: small models copy such a list verbatim.
 EXPLAINER_ANSWER = {
     "free": "You may reason briefly first. End your reply with one line of the form\n"
             "{tag} <a concise description of what the feature detects, at most one sentence>",
-    "constrained": "Reply with one line only: a concise description of what the feature detects, at most one "
-                   "sentence, with no reasoning and no preamble.",
+    "constrained": "Answer in one short sentence about these excerpts, with no preamble.",
     "json": 'You may reason briefly first. Reply with a JSON object {{"reasoning": "<your brief reasoning>", '
             '"explanation": "<a concise description of what the feature detects, at most one sentence>"}}.',
 }
