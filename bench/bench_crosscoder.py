@@ -3,7 +3,10 @@ authors' dictionary_learning does it (scatter the batch top-k into a dense f, f 
 
 Same model, loss (eq. 6-9, recon = ‖ε‖₂), data, optimiser and threads, measured in the same run. No latent
 is dead at these step counts, so neither side pays for the aux loss. Also reports achieved GFLOP/s of our
-step against a plain matmul of the encoder's shape (the step's unavoidable dense part: the roofline).
+step against a plain matmul of the encoder's shape (the step's unavoidable dense part: the roofline), twice:
+`x @ W` as PyTorch runs it (a fresh N×D output, page-faulted in each call: the reference of earlier runs) and
+`mm(x, W, out=buf)` into a reused buffer (the GEMM alone). `step_over_matmul` is the whole step (loss,
+backward, clip, Adam); `loss_backward_over_matmul` is the optimiser-independent part (issue 19's target).
 """
 
 import sys
@@ -70,8 +73,16 @@ def main(argv=None):
     W = cc_o.W_enc.detach().reshape(2 * d, D)
     xf = x.reshape(n, -1)
     repeat = 3 if args.quick else 5
+
+    def ours_lb():
+        cc_o.zero_grad(set_to_none=True)
+        batchtopk_loss(cc_o, x, k, tsf, cfg, static)["loss"].backward()
+
+    buf = torch.empty(n, D, device=dev)
     t_o, t_b = timeit(ours, repeat=repeat), timeit(dense, repeat=repeat)
+    t_lb = timeit(ours_lb, repeat=repeat)
     t_mm = timeit(lambda: xf @ W, repeat=repeat)
+    t_mm_buf = timeit(lambda: torch.mm(xf, W, out=buf), repeat=repeat)
     mm_flops = 2 * n * 2 * d * D
     step_flops = mm_flops + 2 * n * k * 2 * d * 4        # encoder fwd + sparse decode fwd/bwd + encoder bwd
     res = write_result(
@@ -81,7 +92,11 @@ def main(argv=None):
         ratio=t_b / t_o, goal=">= 3x tokens/s on CPU at D/k >= 64",
         shape={"d_model": d, "dict_size": D, "k": k, "batch": n, "D_over_k": D // k},
         roofline={"encoder_matmul_s": t_mm, "encoder_matmul_gflops": mm_flops / t_mm / 1e9,
-                  "step_over_matmul": t_o / t_mm},
+                  "step_over_matmul": t_o / t_mm, "loss_backward_s": t_lb,
+                  "loss_backward_over_matmul": t_lb / t_mm, "encoder_matmul_prealloc_s": t_mm_buf,
+                  "step_over_matmul_prealloc": t_o / t_mm_buf,
+                  "loss_backward_over_matmul_prealloc": t_lb / t_mm_buf},
+        threads=torch.get_num_threads(),
     )
     print(res)
 

@@ -5,8 +5,17 @@ import math
 import pytest
 import torch
 
-from crossdiff.crosscoder import (CrossCoder, CrossCoderConfig, Selection, batch_topk_indices, scale_from_norms,
-                                  selected_acts, sparse_decode)
+from crossdiff.crosscoder import (
+    CrossCoder,
+    CrossCoderConfig,
+    Selection,
+    batch_topk_indices,
+    batchtopk_v,
+    indices_ge,
+    scale_from_norms,
+    selected_acts,
+    sparse_decode,
+)
 from crossdiff.train import TrainConfig, aux_selection, batchtopk_loss, l1_loss, update_threshold
 
 D_MODEL, DICT, N = 6, 40, 12
@@ -90,7 +99,7 @@ def test_batch_topk_indices_exact():
 
 def brute_batchtopk(cc, x, k, dead, k_aux, alpha, recon="norm"):
     """Eq. 6-9 with dense f^train and a dense aux reconstruction."""
-    n = x.shape[0]
+    n, DICT = x.shape[0], cc.cfg.dict_size
     f = ref_f(cc, x)
     wsum = cc.W_dec[0].norm(dim=1) + cc.W_dec[1].norm(dim=1)
     v = f * wsum.detach()
@@ -188,3 +197,74 @@ def test_threshold_ema_and_inference_encode():
     fresh = make("batchtopk")
     with pytest.raises(RuntimeError, match="threshold"):
         fresh.encode(h)
+
+
+def test_indices_ge_and_batch_topk_with_any_cut_exact():
+    """The running-threshold selection is exact whatever the cut guess: too high (fallback), too low, none."""
+    torch.manual_seed(4)
+    for n, d in ((64, 256), (7, 33)):                        # 7·33 is not a multiple of 8: plain nonzero path
+        v = torch.randn(n, d)
+        flat = v.flatten()
+        for c in (-10.0, 0.0, 1.5, 10.0):
+            assert torch.equal(indices_ge(flat, c), (flat >= c).nonzero().squeeze(1))
+        for n_keep in (1, n * 3, n * d):
+            want = flat.topk(n_keep).indices.sort().values
+            kth = float(flat[want].min())
+            for cut in (None, kth, kth * 0.5 if kth > 0 else kth * 2, kth + 1.0, -100.0, 100.0):
+                assert torch.equal(batch_topk_indices(v, n_keep, cut), want), (n, d, n_keep, cut)
+
+
+def test_batchtopk_v_is_f_times_w_in_a_reused_buffer():
+    cc = make("batchtopk", k=3)
+    x = torch.randn(N, 2, D_MODEL)
+    v, w = batchtopk_v(cc, x)
+    wsum = cc.W_dec[0].norm(dim=1) + cc.W_dec[1].norm(dim=1)
+    assert torch.allclose(w, wsum)
+    assert torch.allclose(v.relu(), ref_f(cc, x) * wsum, atol=1e-6)   # A.1 v = f·w, ReLU deferred
+    assert (v < 0).any()                                               # pre-ReLU: negatives are kept
+    v2, _ = batchtopk_v(cc, 2 * x)
+    assert v2.data_ptr() == v.data_ptr()                               # same scratch buffer, step after step
+    assert set(cc.state_dict()) == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold", "scale"}
+
+
+def test_optimised_steps_match_dense_reference():
+    """Several optimiser steps of the fast BatchTopK step (reused buffer, running threshold, sparse decode and
+    backward, aux, θ EMA) against the dense reference at the same weights: loss, min v, all gradients, θ.
+
+    Large SGD steps and a k change move the cut between steps, so the running-threshold guess is sometimes
+    too high (fallback) and sometimes low (more candidates); both must give the exact selection.
+    """
+    torch.manual_seed(5)
+    d, D, n = 8, 128, 64
+    cc = CrossCoder(CrossCoderConfig(d, D, "batchtopk", k=4))
+    with torch.no_grad():
+        cc.b_enc.normal_(0, 0.1)
+        cc.W_dec.mul_(torch.rand(2, D, 1) + 0.2)
+        cc.W_enc.add_(0.05 * torch.randn_like(cc.W_enc))
+    opt = torch.optim.SGD(cc.parameters(), lr=0.5)
+    cfg = TrainConfig(type="batchtopk", k=4, k_aux=6, aux_alpha=0.25, dead_tokens=10**8)
+    tsf = torch.zeros(D, dtype=torch.long)
+    tsf[torch.randperm(D)[:40]] = 10**9                      # dead latents: the aux term is on
+    theta_ref = None
+    for step, (k, scale) in enumerate(zip((4, 4, 6, 3, 3, 4), (1.0, 3.0, 0.5, 2.0, 1.0, 0.7))):
+        x = torch.randn(n, 2, d) * scale
+        r = batchtopk_loss(cc, x, k, tsf, cfg, static=False)
+        opt.zero_grad()
+        r["loss"].backward()
+        g = grads(cc)
+        opt.zero_grad()
+        dead = tsf >= cfg.dead_tokens
+        ref, vmin = brute_batchtopk(cc, x, k, dead, cfg.k_aux, cfg.aux_alpha)
+        ref.backward()
+        assert r["k_used"] == k
+        assert torch.allclose(r["loss"], ref, rtol=1e-5, atol=1e-5), step
+        assert torch.allclose(r["min_v"], vmin, rtol=1e-5), step
+        for a, b in zip(g, grads(cc)):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (step, (a - b).abs().max())
+        update_threshold(cc, r["min_v"], 0.9)
+        theta_ref = float(vmin) if theta_ref is None else 0.9 * theta_ref + 0.1 * float(vmin)   # eq. 11
+        assert math.isclose(float(cc.threshold), theta_ref, rel_tol=1e-5), step
+        for p, gp in zip((cc.W_enc, cc.b_enc, cc.W_dec, cc.b_dec), g):
+            p.grad = gp
+        opt.step()
+    assert bool(dead.any()) and float(r["aux"]) > 0

@@ -150,7 +150,7 @@ class CrossCoder(nn.Module):
         write_json(directory / CONFIG, asdict(self.cfg))
 
     @classmethod
-    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> "CrossCoder":
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> CrossCoder:
         """Never unpickles: safetensors for tensors, JSON for the config."""
         directory = Path(directory)
         cfg_path, w_path = directory / CONFIG, directory / WEIGHTS
@@ -177,12 +177,16 @@ def scale_from_norms(d_model: int, norm_base: float, norm_chat: float) -> Tensor
 # CSR products over these entries only: cost O(#entries · d), never O(N · D · d).
 
 
+PARALLEL_WORK = 1 << 22   # multiply-adds above which a sparse product is worth all threads (measured, issue 19)
+
+
 @contextlib.contextmanager
-def serial(t: Tensor):
+def serial(t: Tensor, work: int | None = None):
     """Run the sparse ops single-threaded on CPU: each is O(#entries·d) of scattered work, where OpenMP's
     fork/join costs more than it saves (measured: a 512-entry CSR product takes 16 ms on 2 busy threads,
-    7 µs on one). Dense matmuls outside keep all threads."""
-    if t.device.type != "cpu":
+    7 µs on one). Dense matmuls outside keep all threads. With `work` (multiply-adds) ≥ PARALLEL_WORK the
+    product is large enough to gain from threads (a 65k-entry × 256 CSR product: 2.1 ms on 1, 1.2 ms on 2)."""
+    if t.device.type != "cpu" or (work is not None and work >= PARALLEL_WORK):
         yield
         return
     n = torch.get_num_threads()
@@ -201,41 +205,114 @@ class Selection:
     crow: Tensor     # (N+1,) row pointers
     cols: Tensor     # (E,) latent index of each entry
     flat: Tensor     # (E,) n*D + j
+    rows: Tensor | None = None
+    _t: tuple | None = field(default=None, repr=False)
 
     @classmethod
-    def from_flat(cls, flat: Tensor, n: int, dict_size: int) -> "Selection":
+    def from_flat(cls, flat: Tensor, n: int, dict_size: int) -> Selection:
         rows = torch.div(flat, dict_size, rounding_mode="floor")
         counts = torch.bincount(rows, minlength=n)
         crow = torch.zeros(n + 1, dtype=torch.long, device=flat.device)
         torch.cumsum(counts, 0, out=crow[1:])
-        return cls(n, dict_size, crow, flat - rows * dict_size, flat)
+        return cls(n, dict_size, crow, flat - rows * dict_size, flat, rows)
 
     def csr(self, values: Tensor) -> Tensor:
         return torch.sparse_csr_tensor(self.crow, self.cols, values, (self.n, self.dict_size),
                                        check_invariants=False)
 
+    def csr_t(self, values: Tensor) -> Tensor:
+        """The (D, N) transpose as a CSR matrix (entries grouped by latent), built once per selection.
 
-def batch_topk_indices(v: Tensor, n_keep: int) -> Tensor:
+        `csr(v).t() @ y` would convert CSC -> CSR on every call (measured 4x slower than the product itself).
+        """
+        if self._t is None:
+            rows = self.rows if self.rows is not None else torch.div(self.flat, self.dict_size, rounding_mode="floor")
+            key = self.cols.int() if self.dict_size < 2**31 else self.cols
+            perm = torch.sort(key, stable=True).indices                   # by latent, rows ascending within
+            crow = torch.zeros(self.dict_size + 1, dtype=torch.long, device=self.flat.device)
+            torch.cumsum(torch.bincount(self.cols, minlength=self.dict_size), 0, out=crow[1:])
+            self._t = (perm, crow, rows[perm])
+        perm, crow, rows = self._t
+        return torch.sparse_csr_tensor(crow, rows, values[perm], (self.dict_size, self.n), check_invariants=False)
+
+
+def indices_ge(flat: Tensor, cut) -> Tensor:
+    """Ascending indices of `flat >= cut`. torch's nonzero costs ~1 ns per element scanned, so it runs on the
+    mask's 8-byte words first and then only inside the words that hold a hit (measured 11 -> 7.5 ms on 8.4M)."""
+    mask = flat >= cut
+    if mask.numel() % 8:
+        return mask.nonzero().squeeze(1)
+    words = mask.view(torch.int64).nonzero().squeeze(1)                # words holding ≥ 1 hit
+    sub = mask.view(-1, 8)[words].reshape(-1).nonzero().squeeze(1)   # hits inside them
+    return words[sub >> 3] * 8 + (sub & 7)
+
+
+def batch_topk_indices(v: Tensor, n_keep: int, cut: float | None = None) -> Tensor:
     """Flat indices (sorted) of exactly the `n_keep` largest entries of v (N, D): BATCHTOPK of eq. 6.
 
-    Same set as `v.flatten().topk(n_keep)` but much cheaper: a strided sample gives a threshold that
-    keeps ~2·n_keep candidates, and the exact top-k runs on those only. If the sample's threshold keeps too
-    few, it falls back to the full top-k (exactness never depends on the sample).
+    Same set as `v.flatten().topk(n_keep)` but much cheaper: only the candidates v >= cut are compacted and
+    ranked. `cut` is a guess (the trainer passes the previous step's n_keep-th value, slightly lowered: the
+    running threshold); without it, or when it keeps fewer than n_keep, a strided sample gives a cut keeping
+    ~2·n_keep, and failing that the full top-k runs. Any candidate set of >= n_keep entries above a cut
+    contains the top n_keep, so exactness never depends on the guess; only the exact top-k of the
+    candidates fixes the count.
     """
     flat = v.reshape(-1)
     if not 0 < n_keep <= flat.numel():
         raise ValueError(f"cannot keep {n_keep} of {flat.numel()} activations")
-    stride = max(1, flat.numel() // 65536)
-    sample = flat[::stride]
-    m = min(sample.numel(), 2 * n_keep // stride + 1)
-    cut = sample.topk(m, sorted=False).values.min()
-    cand = (flat >= cut).nonzero().squeeze(1)                        # ascending
+    cand = indices_ge(flat, cut) if cut is not None else None         # ascending
+    if cand is None or cand.numel() < n_keep:
+        stride = max(1, flat.numel() // 65536)
+        sample = flat[::stride]
+        m = min(sample.numel(), 2 * n_keep // stride + 1)
+        cand = indices_ge(flat, sample.topk(m, sorted=False).values.min())
     if cand.numel() < n_keep:                                        # rare: sample unrepresentative
         cand = torch.arange(flat.numel(), device=flat.device)
+    if cand.numel() == n_keep:
+        return cand
     pos = flat[cand].topk(n_keep, sorted=False).indices
     keep = torch.zeros(cand.numel(), dtype=torch.bool, device=flat.device)
     keep[pos] = True
     return cand[keep]                                                # still ascending: CSR order
+
+
+CUT_MARGIN = 0.05   # running threshold: next step's candidates are v >= (1 - margin) · this step's cut
+
+
+@torch.no_grad()
+def batchtopk_v(cc: CrossCoder, x: Tensor, autocast: bool = False) -> tuple[Tensor, Tensor]:
+    """v(x_n, j) = f_j(x_n)·w_j before the ReLU (A.1) for normalised x (N, 2, d), and w = latent_weights().
+
+    One GEMM with w folded into the encoder: x (W_enc·w) + b_enc·w = (x W_enc + b_enc)·w (eq. 1 times w,
+    w ≥ 0), so no N×D pass for the ReLU or for ·w: the ReLU is applied to the selected entries only
+    (`selected_acts`); the top N·k of v and of relu(v) hold the same values wherever they are positive.
+    The output goes into an N×D buffer kept on `cc` between steps: a fresh 33 MB block is returned to the
+    OS on free and page-faulted in again every step (measured 15 ms of a 63 ms matmul). The buffer is
+    overwritten by the next call. bf16 autocast (GPU) keeps the dense pre-activation path.
+    """
+    w = cc.latent_weights()
+    if autocast:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            f = cc.pre_acts(x)
+        return f.float().mul_(w), w                                      # v(x_i, j), A.1
+    n, D = x.shape[0], cc.cfg.dict_size
+    buf = cc.__dict__.get("_v_buffer")
+    if buf is None or buf.shape != (n, D) or buf.dtype != x.dtype or buf.device != x.device:
+        buf = torch.empty(n, D, dtype=x.dtype, device=x.device)
+        cc.__dict__["_v_buffer"] = buf                                   # scratch, never in the state dict
+    W = cc.W_enc.reshape(-1, D) * w
+    torch.addmm(cc.b_enc * w, x.reshape(n, -1), W, out=buf)              # eq. 1 (pre-ReLU) times w
+    return buf, w
+
+
+@torch.no_grad()
+def batchtopk_select(cc: CrossCoder, v: Tensor, n_keep: int) -> Selection:
+    """BATCHTOPK of eq. 6 over v (N, D), using and updating the running cut kept on `cc` (not persisted)."""
+    hint = cc.__dict__.get("_topk_cut")
+    flat = batch_topk_indices(v, n_keep, hint)
+    kth = float(v.reshape(-1)[flat].min())                               # this step's n_keep-th value
+    cc.__dict__["_topk_cut"] = kth * (1 - CUT_MARGIN) if kth > 0 else None
+    return Selection.from_flat(flat, v.shape[0], v.shape[1])
 
 
 class _SelectedActs(torch.autograd.Function):
@@ -257,9 +334,9 @@ class _SelectedActs(torch.autograd.Function):
     def backward(ctx, g):
         values, x_flat = ctx.saved_tensors
         sel: Selection = ctx.sel
-        with serial(g):
+        with serial(g, g.numel() * x_flat.shape[1]):
             g = g * (values > 0)                                        # ReLU'
-            gW = sel.csr(g).t() @ x_flat                                # (D, 2d) = Gᵀ X
+            gW = sel.csr_t(g) @ x_flat                                  # (D, 2d) = Gᵀ X
             gW = gW.t().reshape(ctx.enc_shape)
             gb = torch.zeros(sel.dict_size, dtype=g.dtype, device=g.device).index_add_(0, sel.cols, g)
         return None, None, gW, gb, None
@@ -274,27 +351,26 @@ class _SparseDecode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, values, W_dec, sel: Selection):
-        ctx.sel = sel
-        ctx.save_for_backward(values, W_dec)
-        with serial(values):
-            F = sel.csr(values)
-            return torch.stack([F @ W_dec[m] for m in range(W_dec.shape[0])], 1)
+        M, D, d = W_dec.shape
+        W = W_dec.permute(1, 0, 2).reshape(D, M * d)                    # [d_j^base | d_j^chat]: one product
+        ctx.sel, ctx.md = sel, (M, d)
+        ctx.save_for_backward(values, W)
+        with serial(values, values.numel() * M * d):
+            return (sel.csr(values) @ W).view(-1, M, d)
 
     @staticmethod
     def backward(ctx, g):
-        values, W_dec = ctx.saved_tensors
+        values, W = ctx.saved_tensors
         sel: Selection = ctx.sel
-        with serial(g):
-            g = g.contiguous()
-            F = sel.csr(values)
-            pattern = sel.csr(torch.zeros_like(values))
-            gv = gW = None
-            if ctx.needs_input_grad[0]:
-                gv = sum(torch.sparse.sampled_addmm(pattern, g[:, m], W_dec[m].t(), beta=0.0).values()
-                         for m in range(W_dec.shape[0]))
+        g = g.reshape(g.shape[0], -1).contiguous()                      # (N, M·d), matches W's columns
+        gv = gW = None
+        with serial(g, values.numel() * W.shape[1]):
+            if ctx.needs_input_grad[0]:                                 # SDDMM: ∂f_nj = g_n · [d_j^base | d_j^chat]
+                pattern = sel.csr(torch.zeros_like(values))
+                gv = torch.sparse.sampled_addmm(pattern, g, W.t(), beta=0.0).values()
             if ctx.needs_input_grad[1]:
-                Ft = F.t()
-                gW = torch.stack([Ft @ g[:, m] for m in range(W_dec.shape[0])])
+                gW = sel.csr_t(values) @ g                              # (D, M·d) = Fᵀ G
+                gW = gW.view(W.shape[0], *ctx.md).permute(1, 0, 2)          # (M, D, d) like W_dec
         return gv, gW, None
 
 
@@ -304,12 +380,13 @@ def selected_acts(cc: CrossCoder, x: Tensor, f: Tensor, sel: Selection, mask: Te
 
     With `w` (the latent weights), `f` holds v = f·w (A.1) and the values are recovered as v / w, so the
     trainer keeps a single (N, D) buffer. A latent with w = 0 has v = 0 and gets value 0 (its decoder is
-    zero, so neither its reconstruction nor its gradient changes).
+    zero, so neither its reconstruction nor its gradient changes). v may be pre-ReLU (`batchtopk_v`): the
+    ReLU of eq. 1 is applied here, to the selected entries only.
     """
     values = f.reshape(-1)[sel.flat]
     if w is not None:
         wc = w[sel.cols]
-        values = torch.where(wc > 0, values / wc, 0.0)
+        values = torch.where(wc > 0, values.clamp_min(0) / wc, 0.0)    # eq. 1 ReLU, f = v / w
     if mask is not None:
         values = values * mask
     return _SelectedActs.apply(values, x.reshape(x.shape[0], -1), cc.W_enc, cc.b_enc, sel)

@@ -24,8 +24,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from crossdiff.cli import resolve_device
-from crossdiff.crosscoder import (CrossCoder, CrossCoderConfig, Selection, batch_topk_indices,
-                                  scale_from_norms, selected_acts, serial, sparse_decode)
+from crossdiff.crosscoder import (CrossCoder, CrossCoderConfig, Selection, batchtopk_select, batchtopk_v,
+                                  scale_from_norms, selected_acts, sparse_decode)
 from crossdiff.io import write_json
 
 log = logging.getLogger(__name__)
@@ -150,21 +150,15 @@ def aux_selection(v: Tensor, dead: Tensor, k_aux: int, static: bool) -> tuple[Se
 def batchtopk_loss(cc: CrossCoder, x: Tensor, k: int, tokens_since_fired: Tensor, cfg: TrainConfig,
                    static: bool, autocast: bool = False) -> dict:
     """Eq. 6-9 on normalised x (N, 2, d): batch top-(N·k) of v, sparse decode, aux loss on dead latents."""
-    with torch.no_grad():
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-            f = cc.pre_acts(x)
-        w = cc.latent_weights()
-        v = f.float().mul_(w)                                            # v(x_i, j), A.1 (f's buffer reused)
-        del f                                                            # f = v / w where needed: one N×D buffer
-    with serial(x):
-        return _batchtopk_sparse(cc, x, v, w, k, tokens_since_fired, cfg, static)
+    v, w = batchtopk_v(cc, x, autocast)                                  # v(x_i, j), A.1: one reused N×D buffer
+    return _batchtopk_sparse(cc, x, v, w, k, tokens_since_fired, cfg, static)
 
 
 def _batchtopk_sparse(cc, x, v, w, k, tokens_since_fired, cfg, static) -> dict:
     """Everything after the dense encoder matmul: selection, sparse decode, aux (all O(N·k·d))."""
     n = x.shape[0]
     with torch.no_grad():
-        sel = Selection.from_flat(batch_topk_indices(v, n * k), n, cc.cfg.dict_size)  # eq. 6
+        sel = batchtopk_select(cc, v, n * k)                             # eq. 6 (running-threshold candidates)
     vals = selected_acts(cc, x, v, sel, w=w)                             # f_j^train at BATCHTOPK entries
     eps = x - (sparse_decode(cc, vals, sel) + cc.b_dec)                 # eq. 7, 8
     rec = recon_per_token(eps, cfg.recon).mean()
