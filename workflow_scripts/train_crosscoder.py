@@ -1,7 +1,9 @@
 """Train one crosscoder (an entry of params.yaml `crosscoders:`) on an activation cache; writes --out/
-{model.safetensors, config.json, metrics.json, dvclive/}. Resumes from --checkpoints when a run was killed."""
+{model.safetensors, config.json, metrics.json, dvclive/}. Resumes from --checkpoints when a run was killed.
+A run that fails its health checks (crossdiff.health) exits non-zero with the reasons when `health.strict`."""
 
 from crossdiff import cli
+from crossdiff.health import HealthError
 from crossdiff.train import train
 
 
@@ -17,8 +19,11 @@ def main(argv=None) -> None:
     entries = params.get("crosscoders", {})
     if args.variant not in entries:
         raise SystemExit(f"variant {args.variant!r} not in params crosscoders: {sorted(entries)}")
-    train(args.train, args.val, args.out, entries[args.variant], seed=params.get("seed", 0),
-          checkpoints=args.checkpoints, device=args.device or params.get("device", "auto"))
+    try:
+        train(args.train, args.val, args.out, entries[args.variant], seed=params.get("seed", 0),
+              checkpoints=args.checkpoints, device=args.device or params.get("device", "auto"))
+    except HealthError as e:
+        raise SystemExit(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@ The step is written so that the BatchTopK path never pays for the D - k inactive
 the dense encoder matmul runs without autograd, and everything after the selection (values, decode, aux,
 all backwards) goes through the CSR primitives of `crossdiff.crosscoder`. No host syncs per step except
 logging (on CPU a sync is free, so the NaN check runs every step there).
+
+`lr: auto` and `mu: auto` (+ `target_l0`) resolve with `crossdiff.calibrate`; `min_steps` lengthens runs
+on small caches. Every run ends with the health checks of `crossdiff.health` (written to metrics.json).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
+from crossdiff import health
+from crossdiff.calibrate import MuController, auto_lr
 from crossdiff.cli import resolve_device
 from crossdiff.crosscoder import (CrossCoder, CrossCoderConfig, Selection, batchtopk_select, batchtopk_v,
                                   scale_from_norms, selected_acts, sparse_decode)
@@ -37,7 +42,9 @@ class TrainConfig:
     type: str
     expansion: int = 16
     dict_size: int | None = None
-    mu: float = 0.041              # eq. 3
+    mu: float | str = 0.041        # eq. 3; "auto": calibrated toward target_l0 during training (crossdiff.calibrate)
+    target_l0: float | None = None # L1: the L0 `mu: auto` aims for; also the L0 health check's target
+    mu_calibrate: float = 1.0      # mu: auto adapts during this fraction of steps, then stays fixed
     mu_warmup: float = 0.05
     k: int | None = None           # eq. 6
     k_anneal: float = 0.0          # fraction of steps annealing k linearly from expansion*k (capped at D) to k
@@ -48,18 +55,20 @@ class TrainConfig:
     theta_start: float = 0.0       # fraction of steps before θ starts being estimated
     recon: str = "norm"            # "norm": ‖ε‖₂ as in eq. 3/9 and the authors' code; "squared": ‖ε‖₂²
     init_norm: float = 0.1
-    lr: float = 1e-4
+    lr: float | str = 1e-4         # "auto": 2e-4 / sqrt(D / 2^14) (crossdiff.calibrate.auto_lr)
     lr_warmup: float = 0.01
     lr_decay: float = 0.2
     batch_size: int = 1024
     epochs: float = 1.0
     max_steps: int | None = None
+    min_steps: int = 0             # floor on epochs·steps_per_epoch, so small caches still get enough steps
     grad_clip: float = 1.0
     val_every: int = 200
     checkpoint_every: int = 500
     log_every: int = 20
     dtype: str = "float32"
     seed: int = 0
+    health: dict | None = None     # thresholds of crossdiff.health (its DEFAULTS where absent)
 
     @classmethod
     def from_params(cls, params: dict, seed: int = 0) -> "TrainConfig":
@@ -76,6 +85,13 @@ class TrainConfig:
             raise ValueError(f"recon must be 'norm' or 'squared', got {cfg.recon!r}")
         if cfg.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+        for key in ("mu", "lr"):
+            v = getattr(cfg, key)
+            if isinstance(v, str) and v != "auto" or not isinstance(v, (str, int, float)):
+                raise ValueError(f"crosscoder {key} must be a number or 'auto', got {v!r}")
+        if cfg.mu == "auto" and cfg.type == "l1" and not cfg.target_l0:
+            raise ValueError("mu: auto needs target_l0 (the L0 to calibrate mu toward)")
+        health.thresholds(cfg.health)                                    # unknown health keys fail here
         return cfg
 
 
@@ -100,9 +116,24 @@ def k_at(step: int, total: int, cfg: TrainConfig, dict_size: int) -> int:
 
 
 def mu_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """μ ramped linearly from 0 over the first mu_warmup·total steps."""
+    """μ ramped linearly from 0 over the first mu_warmup·total steps (a fixed μ; `mu: auto` has its controller)."""
     n = cfg.mu_warmup * total
     return cfg.mu * min(1.0, (step + 1) / n) if n > 0 else cfg.mu
+
+
+def resolved_lr(cfg: TrainConfig, dict_size: int) -> float:
+    return auto_lr(dict_size) if cfg.lr == "auto" else float(cfg.lr)
+
+
+def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """max_steps if set; else epochs·steps_per_epoch, at least min_steps (more epochs on a small cache)."""
+    return cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch), cfg.min_steps)
+
+
+def objective(train_metrics: dict, kind: str, mu: float) -> float:
+    """The loss trend's objective from window means: recon + μ·sparsity (eq. 3, at the final μ) for L1, the
+    reconstruction term (eq. 9 without the aux helper, which only appears once latents die) for BatchTopK."""
+    return train_metrics["recon"] + (mu * train_metrics["sparsity"] if kind == "l1" else 0.0)
 
 
 # -- losses ---------------------------------------------------------------------------------------
@@ -301,16 +332,24 @@ def train(train_path: str | Path, val_path: str | Path | None, out: str | Path, 
     spe = cache.n // cfg.batch_size
     if spe == 0:
         raise ValueError(f"{train_path}: {cache.n} rows is fewer than one batch of {cfg.batch_size}")
-    total = cfg.max_steps or max(1, int(cfg.epochs * spe))
+    total = total_steps(cfg, spe)
     if cfg.type == "batchtopk" and cfg.k > D:
         raise ValueError(f"k={cfg.k} exceeds the dictionary size {D}")
+    lr = resolved_lr(cfg, D)
+    auto_mu = cfg.type == "l1" and cfg.mu == "auto"
+    ctl = MuController(cfg.target_l0, int(cfg.mu_calibrate * total), dev) if auto_mu else None
+    if auto_mu and cfg.mu_calibrate * total < 1000:
+        log.warning("mu: auto adapts mu over only %d steps; it needs ~1000 to settle (raise min_steps)",
+                    int(cfg.mu_calibrate * total))
 
     torch.manual_seed(cfg.seed)
     cc = CrossCoder(CrossCoderConfig(d, D, cfg.type, k=cfg.k, init_norm=cfg.init_norm,
                                      extra={"train": dataclasses.asdict(cfg), "cache": _plain(cache.attrs)}),
                     scale=_scale(cache, d)).to(dev)
-    opt = torch.optim.Adam(cc.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    opt = torch.optim.Adam(cc.parameters(), lr=lr, betas=(0.9, 0.999))
     tsf = torch.zeros(D, dtype=torch.long, device=dev)                  # tokens since each latent fired
+    early = torch.zeros(3, dtype=torch.float64, device=dev)             # first steps: count, Σ recon, Σ sparsity
+    n_early = min(10, total)
     static = dev.type != "cpu"
     history: list[dict] = []
     step = 0
@@ -324,6 +363,9 @@ def train(train_path: str | Path, val_path: str | Path | None, out: str | Path, 
         opt.load_state_dict(_unflatten_optimizer({k: v.to(dev) if k.endswith(("exp_avg", "exp_avg_sq")) else v
                                                   for k, v in st.items()}, meta["optimizer"]))
         tsf.copy_(st["tokens_since_fired"])
+        early.copy_(st["early"])
+        if ctl is not None:
+            ctl.state.copy_(st["mu_controller"])
         torch.set_rng_state(st["rng.torch"])
         step, history = meta["step"], meta["history"]
         log.info("resumed from %s at step %d", ck, step)
@@ -341,9 +383,9 @@ def train(train_path: str | Path, val_path: str | Path | None, out: str | Path, 
                 break
             x = cc.normalize(h.to(dev, torch.float32))
             for g in opt.param_groups:
-                g["lr"] = cfg.lr * lr_factor(step, total, cfg.lr_warmup, cfg.lr_decay)
+                g["lr"] = lr * lr_factor(step, total, cfg.lr_warmup, cfg.lr_decay)
             if cfg.type == "l1":
-                r = l1_loss(cc, x, mu_at(step, total, cfg), cfg.recon, autocast)
+                r = l1_loss(cc, x, ctl.mu() if ctl else mu_at(step, total, cfg), cfg.recon, autocast)
             else:
                 r = batchtopk_loss(cc, x, k_at(step, total, cfg, D), tsf, cfg, static, autocast)
             opt.zero_grad(set_to_none=True)
@@ -353,6 +395,11 @@ def train(train_path: str | Path, val_path: str | Path | None, out: str | Path, 
             opt.step()
             if cfg.type == "batchtopk" and step >= cfg.theta_start * total:
                 update_threshold(cc, r["min_v"], cfg.theta_momentum)
+            if ctl is not None:
+                ctl.update(step, r["l0"])
+            if step < n_early:
+                early += torch.stack([torch.ones((), device=dev), r["recon"].detach(),
+                                      r.get("sparsity", torch.zeros((), device=dev)).detach()]).double()
             win.add(r, x)
             step += 1
             bar.update(cfg.batch_size)
@@ -374,7 +421,8 @@ def train(train_path: str | Path, val_path: str | Path | None, out: str | Path, 
                             live.log_metric(f"{split}/{k_}", v_)
                 live.make_summary()
             if ckdir is not None and (step % cfg.checkpoint_every == 0) and step < total:
-                save_checkpoint(ckdir, step, cc, opt, {"tokens_since_fired": tsf},
+                save_checkpoint(ckdir, step, cc, opt, {"tokens_since_fired": tsf, "early": early,
+                                                       **({"mu_controller": ctl.state} if ctl else {})},
                                 {"config": dataclasses.asdict(cfg), "history": history})
             if step >= total or step - epoch * spe >= spe or (stop_after is not None and step >= stop_after):
                 break
@@ -385,14 +433,23 @@ def train(train_path: str | Path, val_path: str | Path | None, out: str | Path, 
     bar.close()
     live.end()
     elapsed = time.perf_counter() - t0
+    mu = float(ctl.mu()) if ctl else (float(cfg.mu) if cfg.type == "l1" else None)
+    cc.cfg.extra["train"].update(lr=lr, mu=mu if mu is not None else cfg.mu,  # config.json: the values used
+                                 auto=[k for k in ("lr", "mu") if getattr(cfg, k) == "auto"])
     cc.save(out)
     last = history[-1] if history else {}
+    n0, rec0, sp0 = early.tolist()
     metrics = {"train": last.get("train"), "val": last.get("val"), "steps": total, "tokens": total * cfg.batch_size,
-               "dict_size": D, "kind": cfg.type, "k": cfg.k, "threshold": float(cc.threshold),
-               "tokens_per_s": (step - start) * cfg.batch_size / max(elapsed, 1e-9)}
+               "dict_size": D, "kind": cfg.type, "k": cfg.k, "mu": mu, "lr": lr,
+               "target_l0": cfg.k if cfg.type == "batchtopk" else cfg.target_l0,
+               "threshold": float(cc.threshold), "tokens_per_s": (step - start) * cfg.batch_size / max(elapsed, 1e-9),
+               "loss_trend": {"early": objective({"recon": rec0 / n0, "sparsity": sp0 / n0}, cfg.type, mu or 0.0),
+                              "final": objective(last["train"], cfg.type, mu or 0.0)} if n0 and last else None}
+    metrics.update(health.assess(metrics, cfg.health))
     write_json(out / "metrics.json", metrics)
     if ckdir is not None:
         shutil.rmtree(ckdir, ignore_errors=True)
+    health.report(str(out), metrics, cfg.health)
     return metrics
 
 

@@ -113,6 +113,8 @@ def render_report(run: Run, out_dir: str | os.PathLike, max_latents: int, exampl
         model_rows=tables.base_vs_chat(run.models) if run.models else None,
         training=[r for v in run.variants for r in tables.training_rows(v, params)],
         training_missing=[v.name for v in run.variants if v.training is None],
+        health_failures={v.name: v.training.get("health_reasons") or [] for v in run.variants
+                         if v.training and v.training.get("health") == "fail"},
         classes=tables.class_counts(run.variants, params.get("analysis", {}).get("classes")),
         template=[tables.template_stats(v.latents) for v in run.variants],
         analysis_rows=tables.side_by_side({v.name: v.analysis for v in run.variants}),

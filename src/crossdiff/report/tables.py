@@ -118,7 +118,7 @@ TRAIN_FIELDS = {  # column -> (words the key must contain, words it must not)
     "fve_chat": ({"fve", "chat"}, {"base"}),
     "dead": ({"dead"}, set()),
     "fve_total": ({"fve"}, {"base", "chat"}),
-    "l0": ({"l0"}, set()),
+    "l0": ({"l0"}, {"target"}),  # not the target_l0 the health check compares it with
 }
 
 
@@ -133,7 +133,7 @@ def training_rows(variant: VariantRun, params: dict) -> list[dict]:
     hp = dict(params.get("crosscoders", {}).get(variant.name, {}))
     cfg = {**flatten(variant.config or {}), "type": (variant.config or {}).get("kind")}
     for key in ("type", "mu", "k", "lr", "epochs", "dict_size"):
-        if hp.get(key) is None:
+        if hp.get(key) in (None, "auto"):  # `auto`: the value training resolved (config.json)
             hp[key] = next((v for k, v in cfg.items() if k.split("/")[-1] == key), None)
     for key, kind in ONLY_FOR.items():  # config.json holds every default; show a key only where it acts
         if hp.get("type") != kind:
