@@ -12,6 +12,7 @@ import polars as pl
 import pytest
 
 from crossdiff import synthetic as syn
+from crossdiff.toy import behaviours
 
 SPEC = dict(d_model=16, n_tokens=6000, n_features={"shared": 6, "chat_only": 5, "base_only": 4, "shrinkage": 5,
                                                    "decoupled": 6},
@@ -67,7 +68,7 @@ def test_activations_are_sums_of_features_plus_noise_and_deterministic():
 def test_cache_is_in_the_public_format(tmp_path):
     s = spec(noise=0.01)
     gt = syn.make_features(s)
-    path = syn.write_cache(tmp_path / "val.h5", gt, "val", 5000)
+    path = syn.write_synthetic_cache(tmp_path / "val.h5", gt, "val", 5000)
     h = np.concatenate([c[3] for c in syn.iter_split(gt, "val", 5000)])
     with h5py.File(path) as f:
         assert f["base"].dtype == np.float16 and f["base"].shape == (5000, 16) and f["base"].chunks[0] <= syn.CHUNK
@@ -115,7 +116,7 @@ def test_auroc_against_brute_force_with_ties_and_nans():
     assert np.isnan(syn.auroc([], [1.0]))
     scores = rng.standard_normal((30, 4))
     labels = rng.random(30) < 0.4
-    np.testing.assert_allclose(syn.auroc_columns(scores, labels),
+    np.testing.assert_allclose(behaviours.auroc_columns(scores, labels),
                                [brute_auroc(scores[labels, j], scores[~labels, j]) for j in range(4)])
     null = [syn.auroc(rng.random(16), rng.random(16)) for _ in range(2000)]
     assert abs(np.std(null) / syn.auroc_null_sd(16, 16) - 1) < 0.1
@@ -169,7 +170,7 @@ def test_behaviour_aurocs_against_brute_force():
     dead = np.zeros(D, bool)
     dead[0] = True
     table = pl.DataFrame({"latent": np.arange(D), "klass": klass, "dead": dead, "nu_eps": nu[0], "nu_r": nu[1]})
-    out = syn.behaviour_aurocs(acts, behaviour, table, nu_thresholds=[0.5, 1.0])
+    out = behaviours.behaviour_aurocs(acts, behaviour, table, nu_thresholds=[0.5, 1.0])
     assert set(out) == {"joke", "refusal"}
     for label, res in out.items():
         y = behaviour == label
@@ -265,7 +266,7 @@ def test_validate_behaviours_script_against_brute_force(tmp_path):
 
     s = spec(noise=0.01)
     gt = syn.make_features(s)
-    cache = syn.write_cache(tmp_path / "val.h5", gt, "val", 1000)          # seq = row // 128: 8 sequences
+    cache = syn.write_synthetic_cache(tmp_path / "val.h5", gt, "val", 1000)          # seq = row // 128: 8 sequences
     torch.manual_seed(0)
     cc = CrossCoder(CrossCoderConfig(16, 24, "l1"))
     cc.save(tmp_path / "cc" / "l1")

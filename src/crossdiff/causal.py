@@ -5,8 +5,10 @@ on it, and measure KL(p_chat ‖ p_patched) per token over assistant-response pr
     none        h' = h_base
     all         h' = h_base + Σ_j f_j (d_j^chat − d_j^base) over every latent
     template    h_base with the chat-template positions replaced by h_chat
-    {delta_norm,nu}_{best,worst}   the sum over the best / worst half of the chat-only latents ranked by
-                Δnorm (eq. 4, higher = more chat-only) or by rank(ν^ε) + rank(ν^r) (A.6, lower = more chat-only)
+    {delta_norm,nu}_{best,worst}   the sum over the best / worst half of one pool of chat-only latents ranked
+                by Δnorm (eq. 4, higher = more chat-only) or by rank(ν^ε) + rank(ν^r) (A.8, lower = more
+                chat-only). The pool (`causal.pool`, see `ranked_pools`) is by default the authors': chat-only
+                latents with both ν defined and in [-0.1, 2], ranked by signed ν, the same pool for both halves
 with f = encode([h_base, h_chat]) (θ-thresholded for BatchTopK, eq. 10) and decoders in raw units, as the
 authors' code does it. Means over tokens come with 95% bootstrap CIs that resample whole conversations (tokens
 of one conversation are correlated, so resampling tokens would understate the uncertainty).
@@ -21,10 +23,10 @@ The crosscoder never saw BOS (the cache excludes it), so latent patches leave BO
 from __future__ import annotations
 
 import logging
-import random
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import polars as pl
@@ -33,9 +35,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from crossdiff import latents
-from crossdiff.data import template_mask
-from crossdiff.models import hidden_and_logits, hidden_at_layer, logits_from_layer
+from crossdiff import io, latents
+from crossdiff.cli import resolve_device
+from crossdiff.config import Runtime
+from crossdiff.crosscoder import CrossCoder
+from crossdiff.models import hidden_and_logits, hidden_at_layer, load_pair, logits_from_layer
 
 log = logging.getLogger(__name__)
 
@@ -43,123 +47,8 @@ CONDITIONS = ("none", "all", "template", "delta_norm_best", "delta_norm_worst", 
 RANKINGS = ("delta_norm", "nu")
 MASKS = ("full", "first")
 SOURCES = ("all", "generated", "heldout")
-EVAL_SCHEMA = {"seq": pl.Int64, "source": pl.String, "behaviour": pl.String, "prompt": pl.String,
-               "input_ids": pl.List(pl.Int32), "template": pl.List(pl.Boolean), "assistant": pl.List(pl.Boolean),
-               "text": pl.String}
-_END_OF_TURN = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>")  # Gemma, Llama 3, ChatML, Phi
-
-
-# ---- evaluation set ---------------------------------------------------------------------------------------
-
-def stop_ids(tokenizer, model=None) -> list[int]:
-    """Token ids that end an assistant turn: EOS (tokenizer and generation config) and the template's end-of-turn."""
-    ids = {tokenizer.eos_token_id}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
-    vocab = tokenizer.get_vocab()
-    ids |= {vocab[t] for t in _END_OF_TURN if t in vocab}
-    return sorted(i for i in ids if i is not None)
-
-
-@torch.inference_mode()
-def generate_responses(model, tokenizer, prompts: Sequence[Sequence[Mapping[str, str]]], max_new_tokens: int,
-                       batch_size: int = 16) -> list[str]:
-    """Greedy responses of `model` to chat prompts (message lists ending in a user turn), batched with left
-    padding, each stopped at its first end-of-turn / EOS token."""
-    stops = stop_ids(tokenizer, model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    device = next(model.parameters()).device
-    out = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch"):
-        texts = [tokenizer.apply_chat_template([dict(m) for m in p], tokenize=False, add_generation_prompt=True)
-                 for p in prompts[i : i + batch_size]]
-        enc = tokenizer(texts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt").to(device)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=pad)
-        out += [s.strip() for s in tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
-    return out
-
-
-def _row(tokenizer, messages, source: str, behaviour, prompt: str) -> dict:
-    ids, template, assistant = template_mask(tokenizer, messages)
-    text = tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False)
-    return dict(source=source, behaviour=behaviour, prompt=prompt, input_ids=ids, template=template,
-                assistant=assistant, text=text)
-
-
-def toy_sources(chat: pl.DataFrame, n_prompts: int, n_convs: int, seed: int) -> tuple[list, list]:
-    """From the embedded pair's chat corpus: `n_prompts` distinct single-turn held-out user prompts (with their
-    behaviour label) to be answered by the chat model, and `n_convs` other held-out conversations as written."""
-    held = chat.filter(pl.col("split") == "heldout")
-    if held.is_empty():
-        raise ValueError("the chat corpus has no held-out conversations (split == 'heldout')")
-    rows = list(held.select("messages", "behaviour").iter_rows())
-    random.Random(seed).shuffle(rows)
-    prompts, seen, rest = [], set(), []
-    for messages, behaviour in rows:
-        user = messages[0]["content"]
-        if len(prompts) < n_prompts and len(messages) == 2 and user not in seen:
-            seen.add(user)
-            prompts.append(([{"role": "user", "content": user}], behaviour))
-        else:
-            rest.append((messages, behaviour))
-    return prompts, rest[:n_convs]
-
-
-def first_user_turn(input_ids: Sequence[int], template: Sequence[bool], assistant: Sequence[bool]) -> list[int]:
-    """Token ids of the first user message of a rendered conversation: the first run of non-template,
-    non-assistant tokens."""
-    run = []
-    for i, t, a in zip(input_ids, template, assistant):
-        if not t and not a:
-            run.append(i)
-        elif run:
-            break
-    return run
-
-
-def corpus_sources(corpus: pl.DataFrame, tokenizer, n_prompts: int, n_convs: int, seed: int) -> tuple[list, pl.DataFrame]:
-    """For a real pair: prompts = first user turns of the validation corpus' chat rows, held-out conversations =
-    other chat rows (already rendered and masked by the corpus stage)."""
-    chat = corpus.filter((pl.col("source") == 1) & pl.col("assistant").list.any())
-    if chat.is_empty():
-        raise ValueError("the validation corpus has no chat sequence with an assistant turn")
-    chat = chat.sample(fraction=1.0, shuffle=True, seed=seed)
-    prompts, seen, used = [], set(), []
-    for k, r in enumerate(chat.iter_rows(named=True)):
-        if len(prompts) == n_prompts:
-            break
-        user = tokenizer.decode(first_user_turn(r["input_ids"], r["template"], r["assistant"])).strip()
-        if user and user not in seen:
-            seen.add(user)
-            used.append(k)
-            prompts.append(([{"role": "user", "content": user}], r["behaviour"]))
-    rest = chat.with_row_index("_k").filter(~pl.col("_k").is_in(used)).drop("_k").head(n_convs)
-    return prompts, rest
-
-
-def build_eval_set(model, tokenizer, prompts: Sequence[tuple[list, str | None]], heldout, max_new_tokens: int,
-                   batch_size: int = 16) -> pl.DataFrame:
-    """The evaluation conversations: `prompts` answered greedily by the chat `model` (source "generated") and
-    `heldout` conversations with their own responses (source "heldout"): a list of (messages, behaviour) or
-    an already-rendered corpus frame. Responses the model ends immediately are dropped (nothing to score)."""
-    responses = generate_responses(model, tokenizer, [p for p, _ in prompts], max_new_tokens, batch_size)
-    rows = []
-    for (prompt, behaviour), response in zip(prompts, responses):
-        if response:
-            rows.append(_row(tokenizer, prompt + [{"role": "assistant", "content": response}], "generated",
-                             behaviour, prompt[-1]["content"]))
-    if len(rows) < len(prompts):
-        log.warning("dropped %d of %d prompts the chat model answered with an empty response",
-                    len(prompts) - len(rows), len(prompts))
-    if isinstance(heldout, pl.DataFrame):
-        rows += [dict(source="heldout", behaviour=r["behaviour"],
-                      prompt=tokenizer.decode(first_user_turn(r["input_ids"], r["template"], r["assistant"])).strip(),
-                      input_ids=r["input_ids"], template=r["template"], assistant=r["assistant"], text=r["text"])
-                 for r in heldout.iter_rows(named=True)]
-    else:
-        rows += [_row(tokenizer, messages, "heldout", behaviour, messages[0]["content"]) for messages, behaviour in heldout]
-    df = pl.DataFrame(rows, schema={k: v for k, v in EVAL_SCHEMA.items() if k != "seq"})
-    return df.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("seq")).select(list(EVAL_SCHEMA))
+POOLS = ("authors", "legacy")  # params.yaml `causal.pool` (first = default; a test keeps them equal)
+NU_RANGE = (-0.1, 2.0)         # params.yaml `causal.nu_range`: the authors' filter on ν^ε and ν^r, both ends kept
 
 
 # ---- masks and latent sets ----------------------------------------------------------------------------------
@@ -180,33 +69,68 @@ def response_masks(assistant: Sequence[bool], first: Sequence[int] = (2, 10)) ->
     return full, first_m
 
 
-def latent_sets(table: pl.DataFrame, top_n: int | None = None) -> dict[str, np.ndarray | None]:
-    """Best / worst half of the live chat-only latents by Δnorm (descending) and by rank_nu (ascending; latents
-    without both ν are left out of that ranking). Halves have equal size (the middle latent of an odd set is in
-    neither); a ranking over fewer than 2 latents gives None. Ties break by latent id.
+def _by_delta_norm(df: pl.DataFrame) -> pl.DataFrame:
+    return df.filter(pl.col("delta_norm").is_not_null()).sort(["delta_norm", "latent"], descending=[True, False])
 
-    top_n replaces the chat-only class (paper A.8) by the top_n live latents of highest Δnorm: the pool for a
-    crosscoder whose chat-only class is too small to halve (as for a BatchTopK crosscoder on a small pair)."""
-    need = {"latent", "klass", "delta_norm", "rank_nu"} - set(table.columns)
-    if need:
-        raise ValueError(f"the latent table lacks columns {sorted(need)}")
-    by_delta_norm = lambda df: df.filter(pl.col("delta_norm").is_not_null()).sort(  # noqa: E731
-        ["delta_norm", "latent"], descending=[True, False])
+
+def _candidates(table: pl.DataFrame, top_n: int | None) -> pl.DataFrame:
+    """Live chat-only latents, or with `top_n` the top_n live latents of highest Δnorm (the stand-in for a
+    crosscoder whose chat-only class is too small to halve, as for a BatchTopK crosscoder on a small pair)."""
     live = table.filter(~pl.col("dead").fill_null(False)) if "dead" in table.columns else table
-    if top_n is None:
-        chat = live.filter(pl.col("klass") == "chat_only")
-    else:  # ν re-ranked within the pool
-        chat = latents.add_rank_nu(by_delta_norm(live).head(top_n).drop("rank_nu"), pool=pl.lit(True))
-    ranked = {
-        "delta_norm": by_delta_norm(chat),
-        "nu": chat.filter(pl.col("rank_nu").is_not_null()).sort(["rank_nu", "latent"]),
-    }
+    return live.filter(pl.col("klass") == "chat_only") if top_n is None else _by_delta_norm(live).head(top_n)
+
+
+def ranked_pools(table: pl.DataFrame, pool: str = POOLS[0], top_n: int | None = None,
+                 nu_range: Sequence[float] = NU_RANGE) -> dict[str, pl.DataFrame]:
+    """The latents each ranking halves, best first: {"delta_norm": Δnorm descending (eq. 4, higher = more
+    chat-only), "nu": ν ranking ascending (lower = more chat-only)}.
+
+    authors: one pool for both rankings, the authors' A.8 set: the candidates with ν^ε and ν^r both defined
+        (not null / NaN) and lo <= ν <= hi (`nu_range`, both ends kept), ranked on ν by
+        rank(ν^ε) + rank(ν^r) of the SIGNED values within the pool (A.8's "combined low ν^ε/ν^r"; ν^ε, ν^r =
+        β^base/β^chat of eq. 5 with the targets of eqs. 31-34, A.6).
+    legacy: Δnorm over every candidate, ν over the candidates with both ν by the table's rank_nu
+        (rank(|ν^ε|) + rank(|ν^r|), the absolute-value ranks of Tables 3/4), re-ranked within a top_n pool.
+    Ties break by latent id."""
+    if pool not in POOLS:
+        raise ValueError(f"params key `causal.pool`: {pool!r} is not one of {list(POOLS)}")
+    lo, hi = (float(x) for x in nu_range)
+    if not lo <= hi:
+        raise ValueError(f"params key `causal.nu_range`: need lo <= hi, got {list(nu_range)}")
+    need = {"latent", "klass", "delta_norm"} | ({"nu_eps", "nu_r"} if pool == "authors" else {"rank_nu"})
+    if need - set(table.columns):
+        raise ValueError(f"the latent table lacks columns {sorted(need - set(table.columns))} (causal.pool: {pool})")
+    cand = _candidates(table, top_n)
+    if pool == "legacy":
+        if top_n is not None:  # ν re-ranked within the pool
+            cand = latents.add_rank_nu(cand.drop("rank_nu"), pool=pl.lit(True))
+        return {"delta_norm": _by_delta_norm(cand),
+                "nu": cand.filter(pl.col("rank_nu").is_not_null()).sort(["rank_nu", "latent"])}
+    inside = lambda c: pl.col(c).fill_nan(None).is_between(lo, hi, closed="both")  # noqa: E731  null -> dropped
+    kept = cand.filter(inside("nu_eps") & inside("nu_r") & pl.col("delta_norm").is_not_null()).sort("latent")
+    kept = kept.with_columns(nu_rank=pl.col("nu_eps").rank("ordinal") + pl.col("nu_r").rank("ordinal"))  # A.8, signed ν
+    return {"delta_norm": _by_delta_norm(kept), "nu": kept.sort(["nu_rank", "latent"])}
+
+
+def latent_sets(table: pl.DataFrame, top_n: int | None = None, pool: str = POOLS[0],
+                nu_range: Sequence[float] = NU_RANGE) -> dict[str, np.ndarray | None]:
+    """Best / worst half of each ranking of `ranked_pools` (paper A.8: top / bottom 50%). Halves have equal
+    size (the middle latent of an odd pool is in neither); a ranking over fewer than 2 latents gives None."""
     sets: dict[str, np.ndarray | None] = {}
-    for name, df in ranked.items():
+    for name, df in ranked_pools(table, pool, top_n, nu_range).items():
         ids, half = df["latent"].to_numpy().astype(np.int64), df.height // 2
         sets[f"{name}_best"] = ids[:half] if half else None
         sets[f"{name}_worst"] = ids[df.height - half:] if half else None
     return sets
+
+
+def pool_sizes(table: pl.DataFrame, top_n: int | None = None, nu_range: Sequence[float] = NU_RANGE) -> dict:
+    """Latents ranked under each pool (for metrics.json): the candidates (live chat-only, or the top_n), and per
+    pool and ranking how many latents are halved."""
+    out = {"candidates": _candidates(table, top_n).height}
+    for pool in POOLS:
+        out[pool] = {name: df.height for name, df in ranked_pools(table, pool, top_n, nu_range).items()}
+    return out
 
 
 # ---- patching and KL ----------------------------------------------------------------------------------------
@@ -359,10 +283,45 @@ def summarise(tokens: TokenKL, sources: Mapping[int, str], sets: Mapping[str, np
                                        "condition": pl.String, "n_tokens": pl.Int64, "n_convs": pl.Int64,
                                        "mean": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64,
                                        "n_latents": pl.Int64}).with_columns(pl.col("mean", "ci_low", "ci_high").fill_nan(None))
-    notes = [f"{k}: fewer than 2 chat-only latents in this ranking; no {k} condition" for k, v in sets.items() if v is None]
+    notes = [f"{k}: fewer than 2 latents in this ranking's pool; no {k} condition" for k, v in sets.items() if v is None]
     metrics = {"variant": variant, "bootstrap": {"unit": "conversation", "replicates": n_boot, "level": 0.95, "seed": seed},
                "n_latents": n_lat, "kl": kl, "best_minus_worst": order, "notes": notes}
     return table, metrics
+
+
+# ---- the stage ----------------------------------------------------------------------------------------------
+
+def run_causal_kl(params: Mapping, base: str, chat: str, eval_set: str | Path, crosscoder: str | Path,
+                  latent_table: str | Path, variant: str, out: str | Path, device: str | None = None) -> dict:
+    """The causal_kl stage for one crosscoder: `params` = the {models, layer, causal, device} slice; writes
+    {out}/kl.parquet, {out}/metrics.json (with both pools' sizes) and {out}/figures/kl_{source}.png."""
+    cp, layer, rt = params["causal"], params["layer"], Runtime.from_params(params, device)
+    pool, top_n, nu_range = cp.get("pool", POOLS[0]), cp.get("top_n"), cp.get("nu_range", NU_RANGE)
+    dev = resolve_device(rt.device)
+    t0 = time.perf_counter()
+    table = pl.read_parquet(latent_table)
+    sets = latent_sets(table, top_n=top_n, pool=pool, nu_range=nu_range)
+    pair = load_pair(base, chat, layer=layer, dtype=rt.dtype, device=dev)
+    cc = CrossCoder.load(crosscoder, device=dev)
+    es = pl.read_parquet(eval_set)
+    tok = pair.tokenizer
+    tokens = evaluate(pair.base, pair.chat, cc, es, layer, sets, first=cp["first_tokens"], batch_size=cp["batch_size"],
+                      bos_id=tok.bos_token_id, pad_id=tok.pad_token_id or 0)
+    sources = dict(zip(es["seq"].to_list(), es["source"].to_list()))
+    kl, metrics = summarise(tokens, sources, sets, variant, n_boot=cp["bootstrap"], seed=cp["seed"],
+                            n_latents_all=cc.cfg.dict_size)
+    log.info("mean KL(p_chat ‖ p_patched), all conversations:\n%s",
+             kl.filter(pl.col("source") == "all").drop("variant", "source"))
+    out = Path(out)
+    io.write_parquet(out / "kl.parquet", kl)
+    for source in kl["source"].unique(maintain_order=True):
+        kl_figure(out / "figures" / f"kl_{source}.png", kl, source, title=f"{variant}: causal KL ({source})",
+                  first_tokens=cp["first_tokens"])
+    metrics = {**metrics, "pool": {"used": pool, "nu_range": [float(x) for x in nu_range], "top_n": top_n,
+                                   "sizes": pool_sizes(table, top_n, nu_range)},
+               "first_tokens": cp["first_tokens"], "seconds": round(time.perf_counter() - t0, 2)}
+    io.write_json(out / "metrics.json", metrics)
+    return metrics
 
 
 # ---- figure -------------------------------------------------------------------------------------------------
@@ -380,8 +339,6 @@ def kl_figure(path: str | Path, table: pl.DataFrame, source: str = "all", title:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from crossdiff.io import atomic_path
 
     sub = table.filter(pl.col("source") == source)
     masks = [m for m in MASKS if m in sub["mask"].to_list()]
@@ -406,7 +363,7 @@ def kl_figure(path: str | Path, table: pl.DataFrame, source: str = "all", title:
     fig.suptitle(title or f"causal KL ({source})", fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    with atomic_path(path, suffix=".png") as tmp:
+    with io.atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
     plt.close(fig)
     return path

@@ -8,9 +8,9 @@ Decoder quantities are in the crosscoder's normalised space (what the sparsity t
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import numpy as np
 import polars as pl
@@ -103,7 +103,7 @@ def activation_stats(crosscoder: CrossCoder, batches: Iterable[Mapping[str, Tens
 
 # ---------------------------------------------------------------------------------- latent table
 
-def latent_table(crosscoder: CrossCoder, acts: ActivationStats, scaling: ScalingStats, params: Mapping) -> pl.DataFrame:
+def build_latent_table(crosscoder: CrossCoder, acts: ActivationStats, scaling: ScalingStats, params: Mapping) -> pl.DataFrame:
     """The latent table (DESIGN §3 + max_act, rank_nu). Latent Scaling columns are null for dead latents and
     for latents that never fired in the scaling tokens (no data, not NaN noise)."""
     norms = crosscoder.decoder_norms().detach().double().cpu().numpy()
@@ -126,8 +126,8 @@ def latent_table(crosscoder: CrossCoder, acts: ActivationStats, scaling: Scaling
 
 def add_rank_nu(df: pl.DataFrame, pool: pl.Expr = pl.col("klass") == "chat_only") -> pl.DataFrame:
     """rank(|ν^ε|) + rank(|ν^r|) among the pool's latents with both ν, by default the chat-only ones (ascending:
-    2 = most chat-specific, the ranking of the paper's causal experiment, A.8; ranks of absolute values as in
-    Tables 3/4); null elsewhere."""
+    2 = most chat-specific; ranks of absolute values as in Tables 3/4); null elsewhere. The causal experiment
+    ranks signed ν over the authors' filtered pool instead (causal.ranked_pools); this is its `legacy` pool."""
     live = pool & pl.col("nu_eps").is_not_null() & pl.col("nu_r").is_not_null()
     rank = lambda c: pl.when(live).then(pl.col(c).abs()).otherwise(None).rank("ordinal")  # noqa: E731
     return df.with_columns(rank_nu=(rank("nu_eps") + rank("nu_r")).cast(pl.Int64))
@@ -151,7 +151,7 @@ def analyse(crosscoder_dir: str | Path, train: str | Path, val: str | Path, para
                     params["scaling_tokens"])
     batches = (b["acts"] for b in train_cache.iter_sequential(bs, fields=("acts",), limit=n_scale, device=device))
     scaling = latent_scaling(cc, batches, total=n_scale, progress=progress)
-    return latent_table(cc, acts, scaling, params)
+    return build_latent_table(cc, acts, scaling, params)
 
 
 # ---------------------------------------------------------------------------------------- metrics
@@ -177,7 +177,8 @@ def summarise(table: pl.DataFrame, params: Mapping) -> dict:
     for name, (lo, hi) in (("central_95", (0.025, 0.975)), ("central_50", (0.25, 0.75))):
         if len(shared_r) and len(chat_r):
             a, b = np.quantile(shared_r, [lo, hi])
-            overlap[name] = {"shared_range": [float(a), float(b)], "chat_only_share": _share(chat_r, (chat_r >= a) & (chat_r <= b))}
+            overlap[name] = {"shared_range": [float(a), float(b)],
+                             "chat_only_share": _share(chat_r, (chat_r >= a) & (chat_r <= b))}
         else:
             overlap[name] = {"shared_range": None, "chat_only_share": None}
     ft = chat["f_template"].drop_nulls().to_numpy()

@@ -20,9 +20,9 @@ so the ground-truth coefficients are regenerated on demand instead of stored.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import h5py
 import numpy as np
@@ -51,7 +51,7 @@ class SyntheticSpec:
     seed: int = 0
 
     @classmethod
-    def from_params(cls, p: Mapping) -> "SyntheticSpec":
+    def from_params(cls, p: Mapping) -> SyntheticSpec:
         """From the `validate:` params slice (extra keys such as `epochs` are ignored here)."""
         unknown = set(p["n_features"]) - set(KINDS)
         if unknown:
@@ -133,7 +133,7 @@ def iter_split(gt: GroundTruth, split: str, n_tokens: int) -> Iterator[tuple[int
         yield start, a_base, a_chat, h.astype(np.float32)
 
 
-def write_cache(path: str | Path, gt: GroundTruth, split: str, n_tokens: int) -> Path:
+def write_synthetic_cache(path: str | Path, gt: GroundTruth, split: str, n_tokens: int) -> Path:
     """Write one split in the public activation-cache format (DESIGN §3), atomically.
 
     Token ids are 0 and no position is a template token: the synthetic rows carry no text. `norm_base`,
@@ -197,12 +197,6 @@ def auroc(pos, neg) -> float:
 def auroc_null_sd(n_pos: int, n_neg: int) -> float:
     """Standard deviation of the AUROC of uninformative scores (Mann–Whitney U under H0, no ties)."""
     return float(np.sqrt((n_pos + n_neg + 1) / (12 * n_pos * n_neg)))
-
-
-def auroc_columns(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """AUROC of every column of `scores` (n, D) for boolean `labels` (n,), one sort per column."""
-    labels = np.asarray(labels, bool)
-    return np.array([auroc(scores[labels, j], scores[~labels, j]) for j in range(scores.shape[1])])
 
 
 # -- ground truth of a trained crosscoder ----------------------------------------------------------------
@@ -298,7 +292,8 @@ def variant_metrics(table, truth: Mapping[str, np.ndarray], gt: GroundTruth, mat
         r = chat_set & (nu_eps < pi) & (nu_r < pi)
         robust.append({"pi": float(pi), "n": int(r.sum()), "true_chat_only": int((r & (kind == "chat_only")).sum()),
                        "bait": int((r & ((kind == "shrinkage") | artefact)).sum()),
-                       "recall": float(np.isin(true_chat, feat[r & (kind == "chat_only")]).mean()) if len(true_chat) else float("nan")})
+                       "recall": float(np.isin(true_chat, feat[r & (kind == "chat_only")]).mean())
+                       if len(true_chat) else float("nan")})
     return {
         "n_latents": int(len(kind)), "n_alive": int(alive.sum()),
         "classes": {c: int((alive & (klass == c)).sum()) for c in ("base_only", "shared", "chat_only", "other")},
@@ -382,69 +377,6 @@ def plot_delta_norm_by_kind(path: str | Path, runs: Mapping[str, tuple], bands: 
     plt.close(fig)
 
 
-# -- planted behaviours of the embedded pair ---------------------------------------------------------------
-
-
-def conversation_max_acts(crosscoder, cache, chat_seqs: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-    """(len(chat_seqs), D): each latent's maximum activation over every cached token of each chat conversation.
-
-    A behaviour is a label of a whole conversation, so a latent "detects" it if it fires strongly anywhere
-    in it (prompt, template or response tokens alike); tokens of other sequences are skipped.
-    """
-    import torch
-    from tqdm import tqdm
-
-    order = np.argsort(chat_seqs)
-    sorted_seqs = chat_seqs[order]
-    param = next(crosscoder.parameters())
-    out = torch.zeros(len(chat_seqs), crosscoder.cfg.dict_size)
-    with torch.no_grad():
-        for batch in tqdm(cache.iter_sequential(batch_size, fields=("acts", "seq")), desc="behaviours",
-                          total=-(-cache.n // batch_size), leave=False):
-            seq = np.asarray(batch["seq"].cpu().numpy(), np.int64)
-            pos = np.minimum(np.searchsorted(sorted_seqs, seq), len(sorted_seqs) - 1)
-            keep = sorted_seqs[pos] == seq
-            if not keep.any():
-                continue
-            f = crosscoder.encode(batch["acts"][torch.from_numpy(keep)].to(param.device, param.dtype)).float().cpu()
-            rows = torch.from_numpy(order[pos[keep]]).long()
-            out.scatter_reduce_(0, rows[:, None].expand_as(f), f, reduce="amax")
-    return out.numpy()
-
-
-def behaviour_aurocs(max_acts: np.ndarray, behaviour: np.ndarray, table, nu_thresholds) -> dict:
-    """Per planted behaviour label: the best single-latent AUROC for telling its conversations from the other
-    chat conversations, over all alive latents, over Δnorm chat-only latents, and over robust chat-only
-    latents (ν^ε < π and ν^r < π, Fig. 8's criterion) for each π."""
-    t = table.sort("latent")
-    klass, dead = t["klass"].to_numpy().astype(str), t["dead"].to_numpy().astype(bool)
-    nu_eps, nu_r = t["nu_eps"].to_numpy().astype(float), t["nu_r"].to_numpy().astype(float)
-    if len(t) != max_acts.shape[1]:
-        raise ValueError(f"latent table has {len(t)} rows but the crosscoder has {max_acts.shape[1]} latents")
-    behaviour = np.asarray(behaviour, dtype=object)
-    out = {}
-    for label in sorted({b for b in behaviour if b is not None}):
-        y = behaviour == label
-        if y.all():
-            continue
-        scores = auroc_columns(max_acts, y)
-
-        def best(mask):
-            sel = np.flatnonzero(mask & ~dead & np.isfinite(scores))
-            if not len(sel):
-                return {"latent": None, "auroc": float("nan"), "n_latents": 0}
-            j = int(sel[np.argmax(scores[sel])])
-            return {"latent": j, "auroc": float(scores[j]), "klass": str(klass[j]), "nu_eps": float(nu_eps[j]),
-                    "nu_r": float(nu_r[j]), "n_latents": int(len(sel))}
-
-        chat = klass == "chat_only"
-        out[label] = {"n_conversations": int(y.sum()), "n_other": int((~y).sum()),
-                      "all_latents": best(np.ones_like(dead)), "chat_only": best(chat),
-                      "robust_chat_only": [{"pi": float(pi), **best(chat & (nu_eps < pi) & (nu_r < pi))}
-                                           for pi in nu_thresholds]}
-    return out
-
-
 # -- the whole check ---------------------------------------------------------------------------------------
 
 
@@ -498,7 +430,7 @@ def run_validation(params: Mapping, out: str | Path, work: str | Path, device: s
     gt = make_features(spec)
     out, work = Path(out), Path(work)
     n_val = max(spec.n_tokens // 5, 1)
-    paths = {s: write_cache(work / f"{s}.h5", gt, s, n) for s, n in (("train", spec.n_tokens), ("val", n_val))}
+    paths = {s: write_synthetic_cache(work / f"{s}.h5", gt, s, n) for s, n in (("train", spec.n_tokens), ("val", n_val))}
     runs, result = {}, {}
     for name in variants or list(params["crosscoders"]):
         cc_params = variant_params(params["crosscoders"][name], vp)
