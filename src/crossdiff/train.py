@@ -195,7 +195,7 @@ def _batchtopk_sparse(cc, x, v, w, k, tokens_since_fired, cfg, static) -> dict:
     rec = recon_per_token(eps, cfg.recon).mean()
     with torch.no_grad():
         active = vals.detach() > 0
-        v_sel = v.reshape(-1)[sel.flat]
+        v_sel = sel.gather(v)
         min_v = torch.where(active, v_sel, torch.inf).min()             # eq. 11 inner min
         fired = torch.zeros_like(w).index_add_(0, sel.cols, active.to(w.dtype)) > 0
         tokens_since_fired.copy_(torch.where(fired, 0, tokens_since_fired + n))
