@@ -15,8 +15,8 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score
 
 from crossdiff import testing
-from crossdiff.autointerp import examples as ex
 from crossdiff.autointerp import constrain, ground_truth, negatives, pipeline, prompts, scoring, server
+from crossdiff.autointerp import examples as ex
 from crossdiff.autointerp.client import EndpointError, LLMClient
 from crossdiff.autointerp.constrain import Constraint
 
@@ -382,7 +382,8 @@ def test_explanation_accuracy_maps_explanations_to_their_behaviour():
     truth = {1: ("refusal", 0.95), 2: ("joke", 0.92), 3: ("knowledge_boundary", 0.99), 4: ("refusal", 0.9),
              5: ("summarize", 0.93)}
     explanations = [
-        {"latent": 1, "klass": "chat_only", "explanation": "The assistant declines to help and says sorry it can't assist with a dangerous request"},
+        {"latent": 1, "klass": "chat_only",
+         "explanation": "The assistant declines to help and says sorry it can't assist with a dangerous request"},
         {"latent": 2, "klass": "chat_only", "explanation": "funny jokes and laughing at humour"},
         {"latent": 3, "klass": "chat_only", "explanation": "questions about today's weather, news and live information"},
         {"latent": 4, "klass": "chat_only", "explanation": None},  # unparsed: names nothing, counts wrong

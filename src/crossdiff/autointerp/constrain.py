@@ -75,7 +75,7 @@ class Constraint:
     label_ids: dict[str, list[int]] = field(default_factory=dict)  # logit_bias only
 
     @classmethod
-    def build(cls, mode: str, local_server: bool, tokenizer_path: str | None = None) -> "Constraint":
+    def build(cls, mode: str, local_server: bool, tokenizer_path: str | None = None) -> Constraint:
         mode = resolve(mode, local_server)
         if mode != "logit_bias":
             return cls(mode)

@@ -15,8 +15,8 @@ never the dense activations, so memory grows with the latents' firing counts, no
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import polars as pl

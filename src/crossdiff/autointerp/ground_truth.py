@@ -15,7 +15,7 @@ as well as the best one is not counted: the check is over the latents known to d
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 

@@ -11,8 +11,8 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import polars as pl

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 OPEN, CLOSE = "<<", ">>"
 EXPLANATION_TAG = "[EXPLANATION]:"

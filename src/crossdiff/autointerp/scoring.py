@@ -11,7 +11,7 @@ counts as wrong for every excerpt of its prompt (a scorer gets no credit for not
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import polars as pl

@@ -108,7 +108,7 @@ def render_report(run: Run, out_dir: str | os.PathLike, max_latents: int, exampl
     min_auroc = params.get("autointerp", {}).get("behaviour_auroc", 0.9)
     ctx = dict(
         run=run, names=names, title=f"crossdiff report: {run.pair}, layer {run.layer}",
-        generated=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        generated=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         params_yaml=yaml.safe_dump(params, sort_keys=False) if params else "",
         model_rows=tables.base_vs_chat(run.models) if run.models else None,
         training=[r for v in run.variants for r in tables.training_rows(v, params)],

@@ -3,8 +3,8 @@ red background whose intensity is the token's activation over the latent's maxim
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import polars as pl
 from markupsafe import Markup, escape
