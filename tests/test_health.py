@@ -128,6 +128,7 @@ def test_mu_auto_reaches_target_l0(planted, tmp_path):
     assert abs(m["val"]["l0"] / target - 1) <= TOL, m["val"]
     assert m["health"] == "pass", m["health_reasons"]
     assert m["lr"] == pytest.approx(2e-4 / math.sqrt(64 / 2 ** 14)) and 0.01 < m["mu"] < 10
+    assert (tmp_path / "o" / "dvclive" / "plots" / "metrics" / "train" / "mu.tsv").exists()
     cfg = json.loads((tmp_path / "o" / "config.json").read_text())["extra"]["train"]
     assert cfg["mu"] == m["mu"] and cfg["lr"] == m["lr"] and cfg["auto"] == ["lr", "mu"]
 

@@ -411,6 +411,8 @@ def train(train_path: str | Path, val_path: str | Path | None, out: str | Path, 
                 bar.set_postfix(loss=f"{float(r['loss'].detach()):.4g}", l0=f"{float(r['l0']):.1f}")
             if step % cfg.val_every == 0 or step == total:
                 tm = win.flush()
+                if ctl is not None:
+                    tm["mu"] = float(ctl.mu())                            # mu: auto's trajectory in dvclive
                 val_metrics = evaluate(cc, val_cache) if val_cache is not None and (cc.kind == "l1" or cc.threshold >= 0) else None
                 row = {"step": step, "train": tm, "val": val_metrics}
                 history.append(row)
