@@ -40,6 +40,7 @@ from crossdiff.cli import resolve_device
 from crossdiff.config import Runtime
 from crossdiff.crosscoder import CrossCoder
 from crossdiff.models import hidden_and_logits, hidden_at_layer, load_pair, logits_from_layer
+from crossdiff.report.figures import kl_figure
 
 log = logging.getLogger(__name__)
 
@@ -322,48 +323,3 @@ def run_causal_kl(params: Mapping, base: str, chat: str, eval_set: str | Path, c
                "first_tokens": cp["first_tokens"], "seconds": round(time.perf_counter() - t0, 2)}
     io.write_json(out / "metrics.json", metrics)
     return metrics
-
-
-# ---- figure -------------------------------------------------------------------------------------------------
-
-LABELS = {"none": "None", "all": "All", "template": "Template", "delta_norm_best": "Δnorm\nbest 50%",
-          "delta_norm_worst": "Δnorm\nworst 50%", "nu_best": "ν (ours)\nbest 50%", "nu_worst": "ν (ours)\nworst 50%"}
-COLOURS = {"none": "0.55", "all": "0.3", "template": "tab:olive", "delta_norm_best": "tab:blue",
-           "delta_norm_worst": "lightsteelblue", "nu_best": "tab:orange", "nu_worst": "navajowhite"}
-
-
-def kl_figure(path: str | Path, table: pl.DataFrame, source: str = "all", title: str = "",
-              first_tokens: Sequence[int] = (2, 10)) -> Path:
-    """Paper Fig. 5: mean KL per condition with 95% CIs, (a) full responses, (b) the first-tokens mask."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sub = table.filter(pl.col("source") == source)
-    masks = [m for m in MASKS if m in sub["mask"].to_list()]
-    fig, axes = plt.subplots(1, len(masks), figsize=(5.2 * len(masks), 3.6), squeeze=False)
-    for ax, mask in zip(axes[0], masks):
-        df = {r["condition"]: r for r in sub.filter(pl.col("mask") == mask).iter_rows(named=True)}
-        conds = [c for c in CONDITIONS if c in df]
-        means = np.array([np.nan if df[c]["mean"] is None else df[c]["mean"] for c in conds], float)
-        lo = np.array([np.nan if df[c]["ci_low"] is None else df[c]["ci_low"] for c in conds], float)
-        hi = np.array([np.nan if df[c]["ci_high"] is None else df[c]["ci_high"] for c in conds], float)
-        x = np.arange(len(conds))
-        ax.bar(x, np.nan_to_num(means), color=[COLOURS[c] for c in conds],
-               yerr=np.nan_to_num(np.stack([means - lo, hi - means])), capsize=3)
-        for xi, m in zip(x, means):
-            if np.isnan(m):
-                ax.text(xi, 0, "n/a", ha="center", va="bottom", fontsize=8)
-        ax.set_xticks(x, [LABELS[c] for c in conds], fontsize=7)
-        n = next(iter(df.values()))["n_tokens"] if df else 0
-        what = "full responses" if mask == "full" else f"response tokens {first_tokens[0]}–{first_tokens[1]}"
-        ax.set_title(f"{what} ({n} tokens)", fontsize=9)
-        ax.set_ylabel("KL(chat ‖ patched)")
-    fig.suptitle(title or f"causal KL ({source})", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    with io.atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    plt.close(fig)
-    return path

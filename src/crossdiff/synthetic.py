@@ -29,6 +29,7 @@ import numpy as np
 
 from crossdiff import __version__
 from crossdiff.io import atomic_path
+from crossdiff.report.figures import truth_delta_norm_by_kind, truth_nu_scatter
 
 log = logging.getLogger(__name__)
 
@@ -315,68 +316,6 @@ def variant_metrics(table, truth: Mapping[str, np.ndarray], gt: GroundTruth, mat
     }
 
 
-# -- figures -----------------------------------------------------------------------------------------------
-
-COLOURS = {"shared": "tab:red", "chat_only": "tab:green", "base_only": "tab:purple", "shrinkage": "tab:orange",
-           "decoupled": "tab:blue", "unmatched": "0.7"}
-
-
-def plot_nu_scatter(path: str | Path, runs: Mapping[str, tuple]) -> None:
-    """Fig. 1 on ground truth: ν^r (x) vs ν^ε (y) of the Δnorm chat-only latents, coloured by their true kind.
-
-    `runs`: variant -> (latent table, matched kind per latent). Points are clipped to [-0.2, 1.4] like the
-    paper's zoom; shared-class latents matched to shared features are drawn faintly for reference.
-    """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 4.5), squeeze=False)
-    for ax, (name, (table, kind)) in zip(axes[0], runs.items()):
-        t = table.sort("latent")
-        klass, dead = t["klass"].to_numpy().astype(str), t["dead"].to_numpy().astype(bool)
-        x = np.clip(t["nu_r"].to_numpy().astype(float), -0.2, 1.4)
-        y = np.clip(t["nu_eps"].to_numpy().astype(float), -0.2, 1.4)
-        ref = ~dead & (klass == "shared") & (kind == "shared")
-        ax.scatter(x[ref], y[ref], s=4, c=COLOURS["shared"], alpha=0.15, label="shared class (ref.)")
-        for k, c in COLOURS.items():
-            sel = ~dead & (klass == "chat_only") & (kind == k)
-            if sel.any():
-                ax.scatter(x[sel], y[sel], s=18, c=c, edgecolors="k", linewidths=0.3, label=f"{k} ({sel.sum()})")
-        ax.set(title=f"{name}: Δnorm chat-only latents by true kind", xlabel="ν^r", ylabel="ν^ε",
-               xlim=(-0.25, 1.45), ylim=(-0.25, 1.45))
-        ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-
-
-def plot_delta_norm_by_kind(path: str | Path, runs: Mapping[str, tuple], bands: Mapping[str, list]) -> None:
-    """Δnorm (eq. 4) histograms of alive latents grouped by the kind of the true feature they match."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 4), squeeze=False)
-    bins = np.linspace(0, 1, 41)
-    for ax, (name, (table, kind)) in zip(axes[0], runs.items()):
-        t = table.sort("latent")
-        dn, dead = t["delta_norm"].to_numpy().astype(float), t["dead"].to_numpy().astype(bool)
-        for k, c in COLOURS.items():
-            sel = ~dead & (kind == k)
-            if sel.any():
-                ax.hist(dn[sel], bins=bins, histtype="step", color=c, linewidth=1.5, label=f"{k} ({sel.sum()})")
-        for lo, hi in bands.values():
-            ax.axvspan(lo, hi, color="0.9", zorder=0)
-        ax.set(title=f"{name}: Δnorm by true kind", xlabel="Δnorm", ylabel="latents", yscale="log")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-
-
 # -- the whole check ---------------------------------------------------------------------------------------
 
 
@@ -446,8 +385,8 @@ def run_validation(params: Mapping, out: str | Path, work: str | Path, device: s
         runs[name] = (table, kind)
     metrics = {"spec": {**vars(spec), "n_features": dict(spec.n_features), "n_val_tokens": n_val},
                "match_cos": vp["match_cos"], "expected": expected(spec, *_norms(paths["train"])), "variants": result}
-    plot_nu_scatter(out / "figures" / "nu_scatter.png", runs)
-    plot_delta_norm_by_kind(out / "figures" / "delta_norm_by_kind.png", runs, params["analysis"]["classes"])
+    truth_nu_scatter(out / "figures" / "nu_scatter.png", runs)
+    truth_delta_norm_by_kind(out / "figures" / "delta_norm_by_kind.png", runs, params["analysis"]["classes"])
     write_json(out / "metrics.json", metrics)
     return metrics
 

@@ -1,12 +1,12 @@
-"""The analysis stage's figures (paper Fig. 1a/b, 8, 10, 11, 12 and the Δnorm histogram), PNG via Agg.
+"""Every figure of the pipeline, in one home: one palette, one `_save` (Agg; PNG or SVG by the file's suffix).
 
-Every function takes a latent table (DESIGN §3) and writes one file atomically; dead latents are left out,
-as in the paper (A.13).
+Analysis (paper Fig. 1a/b, 8, 10, 11, 12 and the Δnorm histogram; dead latents left out, as in A.13), causal KL
+(Fig. 5) and the synthetic ground-truth check. Each function writes one file atomically.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -18,15 +18,30 @@ import polars as pl  # noqa: E402
 
 from crossdiff.io import atomic_path  # noqa: E402
 
-COLOURS = {"chat_only": "tab:blue", "shared": "tab:red", "base_only": "tab:purple", "other": "0.6"}
-LABELS = {"chat_only": "chat-only", "shared": "shared", "base_only": "base-only", "other": "other"}
+# The one palette. A latent's colour means the same thing in every figure: Δnorm classes (Fig. 1c), the
+# synthetic pair's true feature kinds, and the causal KL conditions (Fig. 5).
+PALETTE = {
+    "base_only": "tab:purple", "shared": "tab:red", "chat_only": "tab:blue", "other": "0.6",
+    "shrinkage": "tab:orange", "decoupled": "tab:brown", "unmatched": "0.7",
+    "none": "0.55", "all": "0.3", "template": "tab:olive", "delta_norm_best": "tab:cyan",
+    "delta_norm_worst": "paleturquoise", "nu_best": "tab:green", "nu_worst": "palegreen",
+}
+LABELS = {"chat_only": "chat-only", "shared": "shared", "base_only": "base-only", "other": "other",
+          "none": "None", "all": "All", "template": "Template", "delta_norm_best": "Δnorm\nbest 50%",
+          "delta_norm_worst": "Δnorm\nworst 50%", "nu_best": "ν (ours)\nbest 50%", "nu_worst": "ν (ours)\nworst 50%"}
+TRUE_KINDS = ("shared", "chat_only", "base_only", "shrinkage", "decoupled", "unmatched")  # synthetic legend order
+FORMATS = ("png", "svg")
 DPI = 120
 
 
 def _save(fig, path: str | Path) -> Path:
+    """Write `fig` to `path` (format from its suffix) via a temp file renamed into place, then close it."""
     path = Path(path)
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format="png")
+    fmt = path.suffix.lstrip(".").lower()
+    if fmt not in FORMATS:
+        raise ValueError(f"figure path {path}: suffix must be one of {FORMATS}")
+    with atomic_path(path, suffix=path.suffix) as tmp:
+        fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format=fmt)
     plt.close(fig)
     return path
 
@@ -57,7 +72,7 @@ def nu_scatter(path, table: pl.DataFrame, title: str = "") -> Path:
         s = t.filter(pl.col("klass") == k)
         x, y = s["nu_r"].to_numpy(), s["nu_eps"].to_numpy()
         xs += [x, y]
-        ax.scatter(x, y, s=size, alpha=alpha, c=COLOURS[k], label=f"{LABELS[k]} ({len(x)})", linewidths=0)
+        ax.scatter(x, y, s=size, alpha=alpha, c=PALETTE[k], label=f"{LABELS[k]} ({len(x)})", linewidths=0)
     lim = _limits(*xs)
     ax.set(xlim=lim, ylim=lim, xlabel="ν^r (reconstruction ratio)", ylabel="ν^ε (error ratio)",
            title=title or "Latent Scaling")
@@ -73,7 +88,7 @@ def delta_norm_hist(path, table: pl.DataFrame, bands: Mapping[str, list], title:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for k in ("base_only", "shared", "chat_only"):
         lo, hi = bands[k]
-        ax.axvspan(lo, hi, color=COLOURS[k], alpha=0.12, label=f"{LABELS[k]} {lo}–{hi}")
+        ax.axvspan(lo, hi, color=PALETTE[k], alpha=0.12, label=f"{LABELS[k]} {lo}–{hi}")
     ax.hist(dn, bins=np.linspace(0, 1, 101), color="0.25")
     ax.set(yscale="log", xlim=(0, 1), xlabel="Δnorm", ylabel="latents", title=title or "Relative decoder norm")
     ax.legend(fontsize=8)
@@ -90,7 +105,7 @@ def by_class_hist(path, table: pl.DataFrame, column: str, log_x: bool = False, t
         v = _col(t.filter(pl.col("klass") == k), column)
         if log_x:
             v = np.log10(v[v > 0])
-        ax.hist(v, bins=40, color=COLOURS[k])
+        ax.hist(v, bins=40, color=PALETTE[k])
         ax.set(title=f"{LABELS[k]} ({len(v)})", xlabel=xlabel or (f"log10 {column}" if log_x else column))
     axes[0][0].set_ylabel("latents")
     fig.suptitle(title)
@@ -108,7 +123,7 @@ def nu_hists(path, table: pl.DataFrame, template_share: float = 0.5, title: str 
         lo, hi = _limits(v[ok])
         bins = np.linspace(lo, hi, 41)
         ax.hist([np.clip(v[ok & heavy], lo, hi), np.clip(v[ok & ~heavy], lo, hi)], bins=bins, stacked=True,
-                color=["tab:blue", "0.7"], label=[f"f_template > {template_share:g}", "other"])
+                color=[PALETTE["chat_only"], PALETTE["unmatched"]], label=[f"f_template > {template_share:g}", "other"])
         ax.set(xlabel=label, ylabel="chat-only latents")
     axes[0].legend(fontsize=8)
     fig.suptitle(title or "Latent Scaling of chat-only latents")
@@ -139,3 +154,83 @@ def analysis_figures(out_dir, table: pl.DataFrame, params: Mapping, name: str = 
                       xlabel="log10 frequency"),
         nu_hists(out / "nu_hist.png", table, title=f"{prefix}ν of chat-only latents (Fig. 12)"),
     ]
+
+
+# ---- causal KL (Fig. 5) --------------------------------------------------------------------------------------
+
+def kl_figure(path: str | Path, table: pl.DataFrame, source: str = "all", title: str = "",
+              first_tokens: Sequence[int] = (2, 10)) -> Path:
+    """Paper Fig. 5: mean KL per condition with 95% CIs, (a) full responses, (b) the first-tokens mask.
+
+    Masks and conditions are drawn in the kl.parquet row order (causal.MASKS × causal.CONDITIONS)."""
+    sub = table.filter(pl.col("source") == source)
+    masks = sub["mask"].unique(maintain_order=True).to_list()
+    fig, axes = plt.subplots(1, len(masks), figsize=(5.2 * len(masks), 3.6), squeeze=False)
+    for ax, mask in zip(axes[0], masks):
+        df = {r["condition"]: r for r in sub.filter(pl.col("mask") == mask).iter_rows(named=True)}
+        conds = list(df)
+        means = np.array([np.nan if df[c]["mean"] is None else df[c]["mean"] for c in conds], float)
+        lo = np.array([np.nan if df[c]["ci_low"] is None else df[c]["ci_low"] for c in conds], float)
+        hi = np.array([np.nan if df[c]["ci_high"] is None else df[c]["ci_high"] for c in conds], float)
+        x = np.arange(len(conds))
+        ax.bar(x, np.nan_to_num(means), color=[PALETTE[c] for c in conds],
+               yerr=np.nan_to_num(np.stack([means - lo, hi - means])), capsize=3)
+        for xi, m in zip(x, means):
+            if np.isnan(m):
+                ax.text(xi, 0, "n/a", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(x, [LABELS[c] for c in conds], fontsize=7)
+        n = next(iter(df.values()))["n_tokens"] if df else 0
+        what = "full responses" if mask == "full" else f"response tokens {first_tokens[0]}–{first_tokens[1]}"
+        ax.set_title(f"{what} ({n} tokens)", fontsize=9)
+        ax.set_ylabel("KL(chat ‖ patched)")
+    fig.suptitle(title or f"causal KL ({source})", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ---- synthetic ground truth (validate stage) -----------------------------------------------------------------
+
+def truth_nu_scatter(path: str | Path, runs: Mapping[str, tuple]) -> Path:
+    """Fig. 1 on ground truth: ν^r (x) vs ν^ε (y) of the Δnorm chat-only latents, coloured by their true kind.
+
+    `runs`: variant -> (latent table, matched kind per latent). Points are clipped to [-0.2, 1.4] like the
+    paper's zoom; shared-class latents matched to shared features are drawn faintly for reference.
+    """
+    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 4.5), squeeze=False)
+    for ax, (name, (table, kind)) in zip(axes[0], runs.items()):
+        t = table.sort("latent")
+        klass, dead = t["klass"].to_numpy().astype(str), t["dead"].to_numpy().astype(bool)
+        x = np.clip(t["nu_r"].to_numpy().astype(float), -0.2, 1.4)
+        y = np.clip(t["nu_eps"].to_numpy().astype(float), -0.2, 1.4)
+        ref = ~dead & (klass == "shared") & (kind == "shared")
+        ax.scatter(x[ref], y[ref], s=4, c=PALETTE["shared"], alpha=0.15, label="shared class (ref.)")
+        for k in TRUE_KINDS:
+            sel = ~dead & (klass == "chat_only") & (kind == k)
+            if sel.any():
+                ax.scatter(x[sel], y[sel], s=18, c=PALETTE[k], edgecolors="k", linewidths=0.3,
+                           label=f"{k} ({sel.sum()})")
+        ax.set(title=f"{name}: Δnorm chat-only latents by true kind", xlabel="ν^r", ylabel="ν^ε",
+               xlim=(-0.25, 1.45), ylim=(-0.25, 1.45))
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def truth_delta_norm_by_kind(path: str | Path, runs: Mapping[str, tuple], bands: Mapping[str, list]) -> Path:
+    """Δnorm (eq. 4) histograms of alive latents grouped by the kind of the true feature they match."""
+    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 4), squeeze=False)
+    bins = np.linspace(0, 1, 41)
+    for ax, (name, (table, kind)) in zip(axes[0], runs.items()):
+        t = table.sort("latent")
+        dn, dead = t["delta_norm"].to_numpy().astype(float), t["dead"].to_numpy().astype(bool)
+        for k in TRUE_KINDS:
+            sel = ~dead & (kind == k)
+            if sel.any():
+                ax.hist(dn[sel], bins=bins, histtype="step", color=PALETTE[k], linewidth=1.5,
+                        label=f"{k} ({sel.sum()})")
+        for lo, hi in bands.values():
+            ax.axvspan(lo, hi, color="0.9", zorder=0)
+        ax.set(title=f"{name}: Δnorm by true kind", xlabel="Δnorm", ylabel="latents", yscale="log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
