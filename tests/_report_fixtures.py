@@ -109,6 +109,12 @@ def figure(path: Path, title: str) -> None:
     plt.close(fig)
 
 
+# analysis metrics.json `cache` (cache.summary of the train and val caches); val predates the norm_ratio attr
+CACHE = {"train": {"rows": 40960, "dtype": "float16", "sink_rows_excluded": 640, "outlier_rows": 3,
+                   "outlier_factor": 10.0, "outlier_max_ratio": 14.2, "outliers_dropped": False,
+                   "norm_base": 12.5, "norm_chat": 15.625, "norm_ratio": 1.25},
+         "val": {"rows": 8192, "dtype": "float16", "sink_rows_excluded": 128, "outlier_rows": 0,
+                 "outlier_factor": 10.0, "norm_base": 12.0, "norm_chat": 16.2}}
 KL_CONDITIONS = ["none", "all", "template", "delta_norm_best", "delta_norm_worst", "nu_best", "nu_worst"]
 
 
@@ -144,7 +150,8 @@ def build_run(root: Path, pair: str = "toy", layer: int = 1, variants=("l1", "ba
         truth["latents"][v] = lat
         write_parquet(an / "latents.parquet", lat)
         write_json(an / "metrics.json", {"counts": {k: int((lat["klass"] == k).sum()) for k in BANDS},
-                                         "nu_r_in_shared_95": 0.18, "nu_below": {"0.1": 3, "0.5": 7}})
+                                         "nu_r_in_shared_95": 0.18, "nu_below": {"0.1": 3, "0.5": 7},
+                                         "cache": CACHE})
         figure(an / "figures" / "nu_scatter.png", f"{v}: nu scatter")
         figure(an / "figures" / "delta_norm_hist.png", f"{v}: delta norm")
         if f"{v}:causal" not in skip:
@@ -153,7 +160,11 @@ def build_run(root: Path, pair: str = "toy", layer: int = 1, variants=("l1", "ba
                     for src in ("all", "generated", "heldout") for m in ("full", "first")
                     for c, mu in zip(KL_CONDITIONS, rng.uniform(0.05, 1.0, 7))]
             write_parquet(ca / "kl.parquet", pl.DataFrame(rows))
-            write_json(ca / "metrics.json", {"best_lt_worst_delta_norm": True})
+            pool = {"used": "authors" if v == variants[0] else "legacy", "nu_range": [-0.1, 2.0], "top_n": None,
+                    "sizes": {"candidates": 11 + len(v), "authors": {"delta_norm": 7, "nu": 6},
+                              "legacy": {"delta_norm": 11 + len(v), "nu": 9}}}
+            truth.setdefault("pool", {})[v] = pool
+            write_json(ca / "metrics.json", {"best_lt_worst_delta_norm": True, "pool": pool})
             figure(ca / "figures" / "kl_bars.png", f"{v}: KL")
         if f"{v}:autointerp" not in skip:
             live_chat = lat.filter((pl.col("klass") == "chat_only") & ~pl.col("dead")).sort("rank_nu")["latent"].head(3)

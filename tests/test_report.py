@@ -16,9 +16,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from _report_fixtures import BANDS, NASTY, PARAMS, WARNING, build_run
+from _report_fixtures import BANDS, CACHE, NASTY, PARAMS, WARNING, build_run
 from crossdiff.report import tables
-from crossdiff.report.collect import collect
+from crossdiff.report.collect import VariantRun, collect
 from crossdiff.report.html import render_report
 from crossdiff.report.tokens import highlight
 
@@ -90,6 +90,50 @@ def test_training_classes_template_kl(full):
             row = next(x for x in kl["rows"] if x["condition"] == r["condition"])
             cell = row["cells"][kl["masks"].index(r["mask"]) * len(VARIANTS) + VARIANTS.index(v.name)]
             assert cell == r
+
+
+def _table_html(html: str, table_id: str) -> str:
+    m = re.search(rf'<table[^>]*id="{table_id}".*?</table>\s*(<p class="note">.*?</p>)?', html, re.S)
+    assert m, f"no table #{table_id} in the report"
+    return m.group(0)
+
+
+def test_causal_pool_and_cache_summary_render(full):
+    """The causal pool (which one, both sizes) sits by the KL tables; the cache summary in the run section."""
+    _, truth, run, index = full
+    pools = tables.causal_pools(run.variants)
+    assert [p["variant"] for p in pools] == VARIANTS
+    for p in pools:
+        want = truth["pool"][p["variant"]]
+        assert (p["used"], p["candidates"]) == (want["used"], want["sizes"]["candidates"])
+        assert p["pools"] == {k: want["sizes"][k] for k in ("authors", "legacy")}
+    html = index.read_text()
+    causal = html[html.index('<section id="causal">'):html.index('<section id="autointerp">')]
+    t = _table_html(causal, "causal-pools")
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", t)
+    for v in VARIANTS:  # variant, used, ν range, candidates, authors Δnorm/ν, legacy Δnorm/ν
+        sz = truth["pool"][v]["sizes"]
+        i = cells.index(v)
+        assert cells[i + 1:i + 8] == [truth["pool"][v]["used"], "[-0.1, 2]", str(sz["candidates"]),
+                                      str(sz["authors"]["delta_norm"]), str(sz["authors"]["nu"]),
+                                      str(sz["legacy"]["delta_norm"]), str(sz["legacy"]["nu"])]
+    assert "authors pool" in t and "legacy pool" in t
+
+    rows = tables.cache_rows(run.variants)
+    assert [r["split"] for r in rows] == ["train", "val"]
+    assert rows[0]["norm_ratio"] == 1.25 and rows[1]["norm_ratio"] == pytest.approx(16.2 / 12.0)  # val: r from norms
+    section = html[html.index('<section id="run">'):]
+    t = _table_html(section, "cache-table")
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", t)
+    for split, c in CACHE.items():
+        i = cells.index(split)
+        assert cells[i + 1:i + 9] == [tables.fmt(c["rows"]), "float16", tables.fmt(c["sink_rows_excluded"]),
+                                      str(c["outlier_rows"]), "10", tables.fmt(c["norm_base"]),
+                                      tables.fmt(c["norm_chat"]), tables.fmt(c["norm_chat"] / c["norm_base"])]
+    assert "attention sinks" in t and "factor × median" in t
+
+    bare = [VariantRun("x", analysis={"counts": {}}, causal={"kl": {}})]  # older metrics: no tables, no error
+    assert tables.cache_rows(bare) == [] and tables.causal_pools(bare) == []
 
 
 def test_base_vs_chat_pivot():

@@ -121,6 +121,8 @@ def render_report(run: Run, out_dir: str | os.PathLike, max_latents: int, exampl
         analysis_figures=_figure_grid({v.name: v.analysis_figures for v in run.variants}),
         kl_tables=tables.kl_tables(run.variants, params.get("causal", {}).get("first_tokens")),
         causal_rows=tables.side_by_side({v.name: v.causal for v in run.variants}),
+        causal_pools=tables.causal_pools(run.variants),
+        cache_rows=tables.cache_rows(run.variants),
         causal_figures=_figure_grid({v.name: v.causal_figures for v in run.variants}),
         autointerp_rows=tables.side_by_side({v.name: v.autointerp and _autointerp_metrics(v.autointerp)
                                              for v in run.variants}),

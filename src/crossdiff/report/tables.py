@@ -306,6 +306,45 @@ def kl_tables(variants: list[VariantRun], first_tokens: list[int] | None = None)
     return out
 
 
+def causal_pools(variants: list[VariantRun]) -> list[dict]:
+    """Which latents each variant's best/worst halves were ranked over (causal metrics.json `pool`): the pool
+    used (authors: live chat-only with ν in nu_range, signed ν; legacy: |ν| ranks) and every pool's sizes."""
+    out = []
+    for v in variants:
+        p = (v.causal or {}).get("pool")
+        if not p:
+            continue
+        sizes = p.get("sizes") or {}
+        out.append({"variant": v.name, "used": p.get("used"), "nu_range": p.get("nu_range"), "top_n": p.get("top_n"),
+                    "candidates": sizes.get("candidates"),
+                    "pools": {k: s for k, s in sizes.items() if k != "candidates" and isinstance(s, dict)}})
+    return out
+
+
+CACHE_FIELDS = ("rows", "dtype", "sink_rows_excluded", "outlier_rows", "outlier_factor", "norm_base", "norm_chat",
+                "norm_ratio")
+
+
+def cache_rows(variants: list[VariantRun]) -> list[dict]:
+    """The activation caches behind the analysis (analysis metrics.json `cache`), one row per split. All
+    variants of a run read the same caches, so the first variant that recorded them speaks for all."""
+    for v in variants:
+        cache = (v.analysis or {}).get("cache")
+        if not cache:
+            continue
+        rows = []
+        for split in SPLITS:
+            s = cache.get(split)
+            if not s:
+                continue
+            row = {"split": split, **{k: s.get(k) for k in CACHE_FIELDS}}
+            if row["norm_ratio"] is None and s.get("norm_base") and s.get("norm_chat") is not None:
+                row["norm_ratio"] = s["norm_chat"] / s["norm_base"]  # r = E‖h_chat‖ / E‖h_base‖
+            rows.append(row)
+        return rows
+    return []
+
+
 def explained_rows(table: pl.DataFrame | None) -> list[dict]:
     """The latents autointerp explained or scored, best score first."""
     if table is None:
