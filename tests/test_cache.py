@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from crossdiff import io, testing
-from crossdiff.cache import FIELDS, ActivationCache, CacheError, merge, screen_outliers, summary, write_cache
+from crossdiff.cache import FIELDS, ActivationCache, CacheError, screen_outliers, summary, write_cache
 from crossdiff.data import CorpusConfig, build_corpus
 from crossdiff.models import load_pair
 from helpers import script
@@ -100,7 +100,7 @@ def test_interrupted_run_resumes_to_identical_file(cached_gemma, corpus, tmp_pat
         assert np.array_equal(a[k], b[k]), k
 
 
-KILLER = """
+KILLER = f"""
 import os, signal, sys, h5py
 from crossdiff.cache import write_cache
 from crossdiff.models import load_pair
@@ -112,8 +112,8 @@ def dying_flush(self):
     flush(self)
 h5py.File.flush = dying_flush
 pair = load_pair(sys.argv[1], sys.argv[2])
-write_cache(pair, %d, sys.argv[3], sys.argv[4], **%r)
-""" % (LAYER, KW)
+write_cache(pair, {LAYER}, sys.argv[3], sys.argv[4], **{KW!r})
+"""
 
 
 def test_sigkill_mid_commit_then_resume_is_identical(cached_gemma, tiny_pair, corpus, tmp_path):
@@ -279,7 +279,8 @@ def test_sequential_reader(synthetic):
     assert [len(b["seq"]) for b in got] == [100, 100, 50]
     assert torch.equal(torch.cat([b["seq"] for b in got]), torch.arange(250, dtype=torch.int32))
     acts = torch.cat([b["acts"] for b in got])
-    assert acts.dtype == torch.float32 and torch.equal(acts[:, 0, 0], torch.arange(250.0)) and torch.equal(acts[:, 1], -acts[:, 0])
+    assert acts.dtype == torch.float32 and torch.equal(acts[:, 0, 0], torch.arange(250.0))
+    assert torch.equal(acts[:, 1], -acts[:, 0])
     assert got[0]["base"].dtype == torch.float16
     with pytest.raises(KeyError, match="no fields"):
         next(c.iter_sequential(10, fields=("nope",)))

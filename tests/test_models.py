@@ -85,7 +85,7 @@ def test_gemma2_final_softcap_is_applied(tiny_pair):
 def test_hidden_at_layer_stops_after_layer(pair):
     calls = []
     layers = decoder_layers(pair.base)
-    handles = [l.register_forward_hook(lambda m, a, o, i=i: calls.append(i)) for i, l in enumerate(layers)]
+    handles = [layer.register_forward_hook(lambda m, a, o, i=i: calls.append(i)) for i, layer in enumerate(layers)]
     try:
         ids, mask = _batch(pair.tokenizer, "left")
         with torch.inference_mode():

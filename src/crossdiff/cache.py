@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -387,7 +387,8 @@ def merge(shards: Sequence[str | Path], out: str | Path, outlier_factor: float =
                 if not _eq(f.attrs.get(k), first.attrs.get(k)):
                     raise CacheError(f"{s}: attribute {k} = {f.attrs.get(k)!r} differs from {shards[0]}'s {first.attrs.get(k)!r}")
         if sorted(int(f.attrs["shard"]) for f in files) != list(range(int(first.attrs["num_shards"]))):
-            raise CacheError(f"expected shards 0..{int(first.attrs['num_shards']) - 1}, got {[int(f.attrs['shard']) for f in files]}")
+            got = [int(f.attrs["shard"]) for f in files]
+            raise CacheError(f"expected shards 0..{int(first.attrs['num_shards']) - 1}, got {got}")
         files.sort(key=lambda f: int(f.attrs["shard"]))
         sizes = [f["base"].shape[0] for f in files]
         n = sum(sizes)

@@ -22,8 +22,8 @@ which is why it scales to a few thousand latents only).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ class ScalingStats:
     n_tokens: int = 0
 
     @classmethod
-    def zeros(cls, dict_size: int, device="cpu") -> "ScalingStats":
+    def zeros(cls, dict_size: int, device="cpu") -> ScalingStats:
         z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
         return cls(z(2, dict_size), z(2, dict_size), z(dict_size),
                    torch.zeros(dict_size, dtype=torch.long, device=device))

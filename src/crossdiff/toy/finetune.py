@@ -19,9 +19,10 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import polars as pl
 import torch
@@ -60,7 +61,7 @@ class FinetuneConfig:
     threads: int = 0  # torch threads; 0 = all available cores
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "FinetuneConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> FinetuneConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
