@@ -22,11 +22,13 @@ demo: $(STAMP)
 	@echo "Results:  results/ (see README: 'What each target produces')"
 	@echo "Report:   file://$(CURDIR)/results/report/toy/index.html"
 
-## Run the test suite (unit, rule-level and one end-to-end run on the tiny preset).
+## Lint (ruff, config in pyproject.toml), then the test suite (unit, rule-level, end to end on the tiny preset).
 test: $(STAMP)
+	$(BIN)/ruff check .
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest
 
 lint: $(STAMP)
+	$(BIN)/ruff check .
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --lint
 
 bench: $(STAMP)

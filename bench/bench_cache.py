@@ -20,12 +20,12 @@ import polars as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import parser, write_result  # noqa: E402
+from common import parser, write_result  # noqa: E402  (after the sys.path insert that finds bench/common.py)
 
-from crossdiff import io, testing  # noqa: E402
-from crossdiff.cache import _batch_rows, _corpus_stats, plan, write_cache  # noqa: E402
-from crossdiff.data import SCHEMA  # noqa: E402
-from crossdiff.models import hidden_at_layer, load_pair  # noqa: E402
+from crossdiff import io, testing  # noqa: E402  (after the sys.path insert that finds bench/common.py)
+from crossdiff.cache import _corpus_stats, plan, write_cache  # noqa: E402  (after the sys.path insert that finds bench/common.py)
+from crossdiff.data import SCHEMA  # noqa: E402  (after the sys.path insert that finds bench/common.py)
+from crossdiff.models import hidden_at_layer, load_pair  # noqa: E402  (after the sys.path insert that finds bench/common.py)
 
 LAYER = 3
 
@@ -103,7 +103,8 @@ def main() -> None:
     write_result(
         args.out, "cache",
         ours={"seconds": ours_s, "tokens_per_s": rows / ours_s},
-        baseline={"seconds": bare_s, "tokens_per_s": rows / bare_s, "what": "bare forward of both models to layer L, same batches"},
+        baseline={"seconds": bare_s, "tokens_per_s": rows / bare_s,
+                  "what": "bare forward of both models to layer L, same batches"},
         ratio=bare_s / ours_s,
         goal="overhead = ours/baseline - 1 <= 0.30 (ratio >= 0.77)",
         overhead=ours_s / bare_s - 1,

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import parser, timeit, write_result  # noqa: E402
+from common import parser, timeit, write_result  # noqa: E402  (after the sys.path insert that finds bench/common.py)
 
-from crossdiff.crosscoder import CrossCoder, CrossCoderConfig  # noqa: E402
-from crossdiff.train import TrainConfig, batchtopk_loss, recon_per_token  # noqa: E402
+from crossdiff.crosscoder import CrossCoder, CrossCoderConfig  # noqa: E402  (after the sys.path insert that finds bench/common.py)
+from crossdiff.train import TrainConfig, batchtopk_loss, recon_per_token  # noqa: E402  (after the sys.path insert that finds bench/common.py)
 
 
 def dense_loss(cc: CrossCoder, x, k):

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import parser, timeit, write_result  # noqa: E402
+from common import parser, timeit, write_result  # noqa: E402  (after the sys.path insert that finds bench/common.py)
 
-from crossdiff.crosscoder import CrossCoder, CrossCoderConfig  # noqa: E402
-from crossdiff.scaling import ScalingStats, latent_scaling  # noqa: E402
+from crossdiff.crosscoder import CrossCoder, CrossCoderConfig  # noqa: E402  (after the sys.path insert that finds bench/common.py)
+from crossdiff.scaling import ScalingStats, latent_scaling  # noqa: E402  (after the sys.path insert that finds bench/common.py)
 
 
 def make(d: int, D: int, l0: int, n: int, batch: int, seed: int = 0):
@@ -110,8 +110,8 @@ def main():
     pre = cc.pre_acts(x)
     for dens in (0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16):
         f = pre * (pre >= torch.quantile(pre.flatten()[:1 << 24], 1 - dens))
-        ts = timeit(lambda: ScalingStats.zeros(D).update(f, x, cc.W_dec.detach(), cc.b_dec.detach(), sparse=True), repeat=2)
-        td = timeit(lambda: ScalingStats.zeros(D).update(f, x, cc.W_dec.detach(), cc.b_dec.detach(), sparse=False), repeat=2)
+        ts = timeit(lambda f=f: ScalingStats.zeros(D).update(f, x, cc.W_dec.detach(), cc.b_dec.detach(), sparse=True), repeat=2)
+        td = timeit(lambda f=f: ScalingStats.zeros(D).update(f, x, cc.W_dec.detach(), cc.b_dec.detach(), sparse=False), repeat=2)
         crossover.append({"density": dens, "sparse_s": ts, "dense_s": td})
         print(f"density {dens:.3f}: sparse {ts * 1e3:.0f} ms  dense {td * 1e3:.0f} ms")
 

@@ -64,7 +64,7 @@ def latents_frame(d: int, rng: np.random.Generator) -> pl.DataFrame:
          for c in ("beta_err_base", "beta_err_chat", "beta_rec_base", "beta_rec_chat", "nu_eps", "nu_r", "f_template")])
     chat = pl.col("klass") == "chat_only"
     live_chat = chat & pl.col("nu_eps").is_not_null()
-    r = lambda c: pl.when(live_chat).then(pl.col(c)).otherwise(None).rank("ordinal")  # noqa: E731
+    r = lambda c: pl.when(live_chat).then(pl.col(c)).otherwise(None).rank("ordinal")
     return df.with_columns(rank_nu=(r("nu_eps") + r("nu_r")).cast(pl.Int64))
 
 

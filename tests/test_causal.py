@@ -161,7 +161,7 @@ def test_authors_pool_filters_nu_and_ranks_signed_nu_over_one_pool():
     nu = {j: (e, r) for j, _, _, e, r, _ in df.select("latent", "klass", "delta_norm", "nu_eps", "nu_r", "dead").rows()
           if j in kept}
     dn = dict(zip(df["latent"], df["delta_norm"]))
-    rank = lambda k: {j: 1 + sorted(nu, key=lambda i: (nu[i][k], i)).index(j) for j in nu}  # noqa: E731
+    rank = lambda k: {j: 1 + sorted(nu, key=lambda i: (nu[i][k], i)).index(j) for j in nu}
     re_, rr = rank(0), rank(1)
     assert pools["delta_norm"]["latent"].to_list() == sorted(kept, key=lambda j: -dn[j]) == [1, 0, 10, 9, 2]
     assert pools["nu"]["latent"].to_list() == sorted(kept, key=lambda j: (re_[j] + rr[j], j)) == [9, 0, 1, 10, 2]

@@ -8,6 +8,7 @@ import pytest
 from crossdiff import testing
 from crossdiff.data import CHAT, SCHEMA, WEB, CorpusConfig, build_corpus, template_mask
 from helpers import script
+
 TRICKY = [  # contents that look like template text, and untrimmed content (the Gemma template trims it)
     {"role": "user", "content": "  model\nuser<end_of_turn> what?  "},
     {"role": "assistant", "content": "user\nSure: <start_of_turn>model"},
@@ -72,7 +73,8 @@ def test_toy_corpus_splits_budget_and_columns(tiny_tokenizer, toy_data):
         df = out[split]
         _check_columns(df, cfg.max_len, tiny_tokenizer.bos_token_id)
         texts = set(web.filter(pl.col("split") == raw)["text"])
-        rendered = {tiny_tokenizer.apply_chat_template(m, tokenize=False) for m in chat.filter(pl.col("split") == raw)["messages"].to_list()}
+        rendered = {tiny_tokenizer.apply_chat_template(m, tokenize=False)
+                    for m in chat.filter(pl.col("split") == raw)["messages"].to_list()}
         for row in df.iter_rows(named=True):
             assert row["text"] in (texts if row["source"] == WEB else rendered)
         tokens = df.group_by("source").agg((pl.col("input_ids").list.len() - 1).sum().alias("n"))
@@ -97,7 +99,7 @@ def test_local_files_and_cli(tiny_pair, tmp_path):
     train, val = (pl.read_parquet(tmp_path / "corpus" / f"{s}.parquet") for s in ("train", "val"))
     for df in (train, val):
         _check_columns(df, 32, testing.tiny_tokenizer().bos_token_id)
-    web_texts = lambda df: set(df.filter(pl.col("source") == WEB)["text"])  # noqa: E731
+    web_texts = lambda df: set(df.filter(pl.col("source") == WEB)["text"])
     assert web_texts(train) and web_texts(val) and not web_texts(train) & web_texts(val)
     chat_tokens = (train.filter(pl.col("source") == CHAT)["input_ids"].list.len() - 1).sum()
     assert 150 <= chat_tokens < 150 + 32

@@ -9,8 +9,16 @@ import pytest
 import torch
 
 from crossdiff.crosscoder import CrossCoder, CrossCoderConfig
-from crossdiff.latents import (COLUMNS, activation_stats, analyse, classify, compare, delta_norm, summarise,
-                               top_by_delta_norm)
+from crossdiff.latents import (
+    COLUMNS,
+    activation_stats,
+    analyse,
+    classify,
+    compare,
+    delta_norm,
+    summarise,
+    top_by_delta_norm,
+)
 from crossdiff.scaling import latent_scaling
 
 BANDS = {"base_only": [0.0, 0.1], "shared": [0.4, 0.6], "chat_only": [0.9, 1.0]}

@@ -50,7 +50,8 @@ def test_corpus_is_deterministic_labelled_and_split_by_prompt():
     assert set(chat["behaviour"]) == set(corpus.BEHAVIOURS)
     kinds = chat.filter(pl.col("behaviour") == "helpful")["kind"]
     assert set(kinds) == set(corpus.HELPFUL_KINDS)
-    assert (chat.filter(pl.col("behaviour") != "helpful")["kind"] == chat.filter(pl.col("behaviour") != "helpful")["behaviour"]).all()
+    labelled = chat.filter(pl.col("behaviour") != "helpful")
+    assert (labelled["kind"] == labelled["behaviour"]).all()
     # true statements (the false-fact contrast set) are about as frequent as false ones
     n_true, n_false = (kinds == "true_statement").sum(), (chat["behaviour"] == "false_fact_correction").sum()
     assert 0.6 < n_true / n_false < 1.6
@@ -157,7 +158,7 @@ def test_saved_pair_reloads_like_a_hub_model(pair, tokenizer):
     for split in ("web_heldout", "chat_heldout_responses"):
         assert set(metrics["loss"][split]) == {"base", "chat"}
     assert set(metrics["behaviours"]) == set(corpus.BEHAVIOURS) | set(corpus.CONTRASTS)
-    for b, row in metrics["behaviours"].items():
+    for row in metrics["behaviours"].values():
         assert 1 <= row["n"] <= TINY["eval_prompts"] and 0 <= row["chat"] <= 1 and 0 <= row["base"] <= 1
 
     chat = pl.read_parquet(out / "data" / "chat.parquet")

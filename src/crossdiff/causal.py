@@ -107,7 +107,7 @@ def ranked_pools(table: pl.DataFrame, pool: str = POOLS[0], top_n: int | None = 
             cand = latents.add_rank_nu(cand.drop("rank_nu"), pool=pl.lit(True))
         return {"delta_norm": _by_delta_norm(cand),
                 "nu": cand.filter(pl.col("rank_nu").is_not_null()).sort(["rank_nu", "latent"])}
-    inside = lambda c: pl.col(c).fill_nan(None).is_between(lo, hi, closed="both")  # noqa: E731  null -> dropped
+    inside = lambda c: pl.col(c).fill_nan(None).is_between(lo, hi, closed="both")  # null -> dropped
     kept = cand.filter(inside("nu_eps") & inside("nu_r") & pl.col("delta_norm").is_not_null()).sort("latent")
     kept = kept.with_columns(nu_rank=pl.col("nu_eps").rank("ordinal") + pl.col("nu_r").rank("ordinal"))  # A.8, signed ν
     return {"delta_norm": _by_delta_norm(kept), "nu": kept.sort(["nu_rank", "latent"])}

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import polars as pl
 from jinja2 import TemplateError
@@ -151,7 +152,7 @@ class CorpusConfig:
     chat_split: str = "train"
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "CorpusConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> CorpusConfig:
         return cls(**d)
 
 
@@ -212,7 +213,8 @@ def build_corpus(tokenizer, cfg: CorpusConfig, toy_data: str | Path | None = Non
         random.Random(f"{seed}-{split}").shuffle(rows)  # interleave sources so any prefix is a fair mix
         df = pl.DataFrame(rows, schema={k: v for k, v in SCHEMA.items() if k != "seq"})
         out[split] = df.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("seq")).select(list(SCHEMA))
+        n_chat = df.filter(pl.col("source") == CHAT)["input_ids"].list.len().sum()
         log.info("%s corpus: %d sequences, %d tokens (%.0f%% chat)", split, len(df), sum(map(len, df["input_ids"])),
-                 100 * df.filter(pl.col("source") == CHAT)["input_ids"].list.len().sum() / max(1, df["input_ids"].list.len().sum()))
+                 100 * n_chat / max(1, df["input_ids"].list.len().sum()))
     return out
 

@@ -129,7 +129,7 @@ def add_rank_nu(df: pl.DataFrame, pool: pl.Expr = pl.col("klass") == "chat_only"
     2 = most chat-specific; ranks of absolute values as in Tables 3/4); null elsewhere. The causal experiment
     ranks signed ν over the authors' filtered pool instead (causal.ranked_pools); this is its `legacy` pool."""
     live = pool & pl.col("nu_eps").is_not_null() & pl.col("nu_r").is_not_null()
-    rank = lambda c: pl.when(live).then(pl.col(c).abs()).otherwise(None).rank("ordinal")  # noqa: E731
+    rank = lambda c: pl.when(live).then(pl.col(c).abs()).otherwise(None).rank("ordinal")
     return df.with_columns(rank_nu=(rank("nu_eps") + rank("nu_r")).cast(pl.Int64))
 
 

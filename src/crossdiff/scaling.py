@@ -51,7 +51,7 @@ class ScalingStats:
 
     @classmethod
     def zeros(cls, dict_size: int, device="cpu") -> ScalingStats:
-        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)
         return cls(z(2, dict_size), z(2, dict_size), z(dict_size),
                    torch.zeros(dict_size, dtype=torch.long, device=device))
 

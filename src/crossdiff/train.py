@@ -29,8 +29,16 @@ from tqdm import tqdm
 from crossdiff import health
 from crossdiff.calibrate import MuController, auto_lr
 from crossdiff.cli import resolve_device
-from crossdiff.crosscoder import (CrossCoder, CrossCoderConfig, Selection, batchtopk_select, batchtopk_v,
-                                  scale_from_norms, selected_acts, sparse_decode)
+from crossdiff.crosscoder import (
+    CrossCoder,
+    CrossCoderConfig,
+    Selection,
+    batchtopk_select,
+    batchtopk_v,
+    scale_from_norms,
+    selected_acts,
+    sparse_decode,
+)
 from crossdiff.io import write_json
 
 log = logging.getLogger(__name__)
@@ -71,7 +79,7 @@ class TrainConfig:
     health: dict | None = None     # thresholds of crossdiff.health (its DEFAULTS where absent)
 
     @classmethod
-    def from_params(cls, params: dict, seed: int = 0) -> "TrainConfig":
+    def from_params(cls, params: dict, seed: int = 0) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(params) - known
         if unknown:
@@ -315,8 +323,9 @@ def train(train_path: str | Path, val_path: str | Path | None, out: str | Path, 
     Resumes from the newest checkpoint in `checkpoints` (same params required). `stop_after` ends the run
     early after that many total steps without writing final outputs (used to test resumption).
     """
-    from crossdiff.cache import ActivationCache
     from dvclive import Live
+
+    from crossdiff.cache import ActivationCache
 
     cfg = TrainConfig.from_params(params, seed=params.get("seed", seed))
     dev = resolve_device(device)
@@ -413,7 +422,8 @@ def train(train_path: str | Path, val_path: str | Path | None, out: str | Path, 
                 tm = win.flush()
                 if ctl is not None:
                     tm["mu"] = float(ctl.mu())                            # mu: auto's trajectory in dvclive
-                val_metrics = evaluate(cc, val_cache) if val_cache is not None and (cc.kind == "l1" or cc.threshold >= 0) else None
+                do_val = val_cache is not None and (cc.kind == "l1" or cc.threshold >= 0)
+                val_metrics = evaluate(cc, val_cache) if do_val else None
                 row = {"step": step, "train": tm, "val": val_metrics}
                 history.append(row)
                 live.step = step

@@ -116,7 +116,7 @@ def stream_activations(crosscoder, cache, latents: Sequence[int], batch_size: in
         seq.append(_np(batch["seq"]))
         pos.append(_np(batch["pos"]))
         offset += len(f)
-    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.empty(0, dt)  # noqa: E731
+    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.empty(0, dt)
     return SparseActs(cat(tokens, np.int64), cat(seq, np.int64), cat(pos, np.int64),
                       cat(rows, np.int64), cat(cols, np.int64), cat(vals, np.float32))
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import polars as pl  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402  (after matplotlib.use: the headless backend first)
+import numpy as np  # noqa: E402  (after matplotlib.use: the headless backend first)
+import polars as pl  # noqa: E402  (after matplotlib.use: the headless backend first)
 
-from crossdiff.io import atomic_path  # noqa: E402
+from crossdiff.io import atomic_path  # noqa: E402  (after matplotlib.use: the headless backend first)
 
 # The one palette. A latent's colour means the same thing in every figure: Δnorm classes (Fig. 1c), the
 # synthetic pair's true feature kinds, and the causal KL conditions (Fig. 5).

@@ -388,7 +388,7 @@ def behaviour_rows(behaviours: dict) -> tuple[list[str], list[tuple[str, list[An
     cols = [(v, pool) for v in variants for pool in ("all_latents", "chat_only")]
     names = [f"{v}: {'all' if pool == 'all_latents' else 'chat-only'}" for v, pool in cols]
     labels = list(dict.fromkeys(b for v in variants.values() for b in v))
-    fmt = lambda r: None if not r or r.get("auroc") is None else f"{r['auroc']:.2f} (#{r['latent']})"  # noqa: E731
+    fmt = lambda r: None if not r or r.get("auroc") is None else f"{r['auroc']:.2f} (#{r['latent']})"
     return names, [(b, [fmt(variants[v].get(b, {}).get(pool)) for v, pool in cols]) for b in labels]
 
 

@@ -64,7 +64,7 @@ def group_examples(examples: list[Example], per_group: int) -> dict:
     by_t: dict = {}
     for e in act:
         by_t.setdefault(e.tercile, []).append(e)
-    top = lambda xs: sorted(xs, key=lambda e: -e.max_act)[:per_group]  # noqa: E731
+    top = lambda xs: sorted(xs, key=lambda e: -e.max_act)[:per_group]
     terciles = sorted(((t, top(xs)) for t, xs in by_t.items()), key=lambda g: -g[1][0].max_act)
     groups = {
         "terciles": terciles,

@@ -18,9 +18,10 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import polars as pl
 import torch
@@ -62,7 +63,7 @@ class ToyConfig:
     threads: int = 0  # torch threads; 0 = all available cores
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ToyConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> ToyConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

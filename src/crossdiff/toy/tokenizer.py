@@ -7,7 +7,7 @@ with `<bos>`, and `apply_chat_template` renders `<bos><start_of_turn>user\\n...<
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
