@@ -37,6 +37,15 @@ from .tokenizer import END, assistant_labels, train_tokenizer, training_texts
 log = logging.getLogger(__name__)
 
 
+def checked_dataclass(cls, d: Mapping[str, Any], section: str):
+    """`cls(**d)`, refusing keys the params section `section` does not have (with the known ones listed)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown {section} params {unknown}; known: {sorted(known)}")
+    return cls(**d)
+
+
 @dataclass(frozen=True)
 class ToyConfig:
     """The `toy:` section of params.yaml (defaults = params.yaml)."""
@@ -64,11 +73,7 @@ class ToyConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ToyConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown toy params {unknown}; known: {sorted(known)}")
-        cfg = cls(**d)
+        cfg = checked_dataclass(cls, d, "toy")
         if cfg.hidden_size % cfg.num_heads:
             raise ValueError(f"toy.hidden_size ({cfg.hidden_size}) must be divisible by toy.num_heads ({cfg.num_heads})")
         if not 0 <= cfg.finetune_web_frac < 1:

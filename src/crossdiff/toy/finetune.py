@@ -14,7 +14,6 @@ stage and the report read it the same way; `base` is a copy of the input folder.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import shutil
@@ -32,7 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from .. import io, lora
 from ..cli import seed_everything
 from . import corpus, evaluate
-from .build import _save, _threads, chat_rows, train, web_rows, write_corpora
+from .build import _save, _threads, chat_rows, checked_dataclass, train, web_rows, write_corpora
 from .tokenizer import END
 
 log = logging.getLogger(__name__)
@@ -62,11 +61,7 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FinetuneConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown finetune params {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return checked_dataclass(cls, d, "finetune")
 
 
 def target_loss(model, ids, att, labels):
