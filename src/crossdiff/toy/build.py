@@ -37,6 +37,22 @@ from .tokenizer import END, assistant_labels, train_tokenizer, training_texts
 log = logging.getLogger(__name__)
 
 
+def staging_dir(out: Path) -> Path:
+    """An empty `.{out}.partial` next to `out`, where a pair is built before `publish` renames it into place."""
+    tmp = out.parent / f".{out.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish(tmp: Path, out: Path, metrics: dict) -> None:
+    """Write the pair's metrics.json and rename the finished directory onto `out` (atomic for readers)."""
+    io.write_json(tmp / "metrics.json", metrics)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
 def checked_dataclass(cls, d: Mapping[str, Any], section: str):
     """`cls(**d)`, refusing keys the params section `section` does not have (with the known ones listed)."""
     known = {f.name for f in dataclasses.fields(cls)}
@@ -241,9 +257,7 @@ def build_pair(out_dir: str | os.PathLike, params: Mapping[str, Any] | ToyConfig
     """
     cfg = params if isinstance(params, ToyConfig) else ToyConfig.from_dict(params or {})
     out = Path(out_dir)
-    tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(out)
     torch.set_num_threads(cfg.threads or _threads())
     seed_everything(cfg.seed)
     timings, t0, cpu0 = {}, time.perf_counter(), time.process_time()
@@ -298,9 +312,6 @@ def build_pair(out_dir: str | os.PathLike, params: Mapping[str, Any] | ToyConfig
                  "web_heldout": len(web_held), "chat_heldout": len(chat_held)},
         "time_s": timings,
     }
-    io.write_json(tmp / "metrics.json", metrics)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    publish(tmp, out, metrics)
     log.info("toy pair written to %s in %.0f s", out, timings["total"])
     return metrics

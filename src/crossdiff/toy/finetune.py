@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from .. import io, lora
 from ..cli import seed_everything
 from . import corpus, evaluate
-from .build import _save, _threads, chat_rows, checked_dataclass, train, web_rows, write_corpora
+from .build import _save, _threads, chat_rows, checked_dataclass, publish, staging_dir, train, web_rows, write_corpora
 from .tokenizer import END
 
 log = logging.getLogger(__name__)
@@ -94,9 +94,7 @@ def finetune_pair(base_dir: str | os.PathLike, out_dir: str | os.PathLike,
     """Write `{out}/base` (the base), `{out}/chat` (its chat fine-tune), `{out}/data`, `{out}/metrics.json`."""
     cfg = params if isinstance(params, FinetuneConfig) else FinetuneConfig.from_dict(params or {})
     out = Path(out_dir)
-    tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(out)
     torch.set_num_threads(cfg.threads or _threads())
     seed_everything(cfg.seed)
     timings, t0 = {}, time.perf_counter()
@@ -155,9 +153,6 @@ def finetune_pair(base_dir: str | os.PathLike, out_dir: str | os.PathLike,
         "rows": {"chat_train": len(chat_train), "chat_heldout": len(chat_held)},
         "time_s": timings,
     }
-    io.write_json(tmp / "metrics.json", metrics)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    publish(tmp, out, metrics)
     log.info("real-base pair written to %s in %.0f s", out, timings["total"])
     return metrics
