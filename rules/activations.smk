@@ -16,6 +16,8 @@ rule build_corpus:
         p=params_of("build_corpus"),
     log:
         log_of("build_corpus"),
+    benchmark:
+        benchmark_of("build_corpus")
     conda:
         ENV
     shell:
@@ -39,6 +41,8 @@ rule cache_activations:
         shard=lambda w: f"--shard {w.shard} --num-shards {SHARDS}" if SHARDS > 1 else "",
     log:
         log_of("cache_activations", "-{split}" if SHARDS == 1 else "-{split}-{shard}"),
+    benchmark:
+        benchmark_of("cache_activations", "-{split}" if SHARDS == 1 else "-{split}-{shard}")
     threads: workflow.cores
     resources:
         gpu=1,
@@ -62,6 +66,8 @@ if SHARDS > 1:
             p=params_of("merge_activations"),
         log:
             log_of("merge_activations", "-{split}"),
+        benchmark:
+            benchmark_of("merge_activations", "-{split}")
         conda:
             ENV
         shell:

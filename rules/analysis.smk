@@ -17,6 +17,8 @@ rule analyse_latents:
         p=params_of("analyse_latents"),
     log:
         log_of("analyse_latents", "-{variant}"),
+    benchmark:
+        benchmark_of("analyse_latents", "-{variant}")
     threads: workflow.cores
     conda:
         ENV
@@ -37,6 +39,8 @@ rule compare_variants:
         variants=" ".join(VARIANTS),
     log:
         log_of("compare_variants"),
+    benchmark:
+        benchmark_of("compare_variants")
     conda:
         ENV
     shell:

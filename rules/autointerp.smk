@@ -18,6 +18,8 @@ rule collect_examples:
         behaviours=lambda w, input: f"--behaviours {input.behaviours} --variant {w.variant}" if BUILT else "",
     log:
         log_of("collect_examples", "-{variant}"),
+    benchmark:
+        benchmark_of("collect_examples", "-{variant}")
     threads: workflow.cores
     conda:
         ENV
@@ -44,6 +46,8 @@ rule explain_and_score:
         behaviours=lambda w, input: f"--behaviours {input.behaviours} --variant {w.variant}" if BUILT else "",
     log:
         log_of("explain_and_score", "-{variant}"),
+    benchmark:
+        benchmark_of("explain_and_score", "-{variant}")
     threads: workflow.cores
     resources:
         gpu=1,

@@ -14,6 +14,8 @@ rule generate_eval_set:
         p=params_of("generate_eval_set"),
     log:
         log_of("generate_eval_set"),
+    benchmark:
+        benchmark_of("generate_eval_set")
     threads: workflow.cores
     resources:
         gpu=1,
@@ -42,6 +44,8 @@ rule causal_kl:
         p=params_of("causal_kl"),
     log:
         log_of("causal_kl", "-{variant}"),
+    benchmark:
+        benchmark_of("causal_kl", "-{variant}")
     threads: workflow.cores
     resources:
         gpu=1,

@@ -30,7 +30,8 @@ ANALYSIS = f"results/analysis/{PAIR}/L{LAYER}"
 CAUSAL = f"results/causal/{PAIR}/L{LAYER}"
 AUTOINTERP = f"results/autointerp/{PAIR}/L{LAYER}"
 REPORT = f"results/report/{PAIR}"
-LOGS = "results/logs"
+LOGS = f"results/logs/{PAIR}"
+BENCHMARKS = f"results/benchmarks/{PAIR}"  # Snakemake's per-job wall time and peak RSS (the report's stage table)
 ENV = "../envs/crossdiff.yaml"
 
 # Model weights: built by `models` for a built pair, otherwise HF ids / local dirs.
@@ -67,3 +68,4 @@ STAGES = {
 # params_of(rule): the params slice the rule reads, as JSON (Snakemake reruns a job when it changes).
 params_of = cfg.params_factory(config, STAGES)
 log_of = cfg.log_factory(LOGS)
+benchmark_of = cfg.log_factory(BENCHMARKS, ".tsv")

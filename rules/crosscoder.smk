@@ -16,6 +16,8 @@ rule train_crosscoder:
         checkpoints=f"results/checkpoints/{PAIR}/L{LAYER}/{{variant}}",
     log:
         log_of("train_crosscoder", "-{variant}"),
+    benchmark:
+        benchmark_of("train_crosscoder", "-{variant}")
     threads: workflow.cores
     resources:
         gpu=1,

@@ -17,6 +17,8 @@ if TOY:
             p=params_of("build_toy_pair"),
         log:
             log_of("build_toy_pair"),
+        benchmark:
+            benchmark_of("build_toy_pair")
         threads: workflow.cores
         resources:
             mem_mb=4000,
@@ -36,6 +38,8 @@ if PACKAGED:
             p=params_of("export_packaged_model"),
         log:
             log_of("export_packaged_model"),
+        benchmark:
+            benchmark_of("export_packaged_model")
         resources:
             mem_mb=4000,
         conda:
@@ -59,6 +63,8 @@ if FINETUNED:
             p=params_of("finetune_chat"),
         log:
             log_of("finetune_chat"),
+        benchmark:
+            benchmark_of("finetune_chat")
         threads: workflow.cores
         resources:
             mem_mb=8000,

@@ -23,6 +23,8 @@ rule render_report:
         variants=" ".join(VARIANTS),
     log:
         log_of("render_report"),
+    benchmark:
+        benchmark_of("render_report")
     conda:
         ENV
     shell:

@@ -10,6 +10,8 @@ rule validate_synthetic:
         p=params_of("validate_synthetic"),
     log:
         log_of("validate_synthetic"),
+    benchmark:
+        benchmark_of("validate_synthetic")
     threads: workflow.cores
     conda:
         ENV
@@ -34,6 +36,8 @@ if BUILT:
             variants=" ".join(VARIANTS),
         log:
             log_of("validate_behaviours"),
+        benchmark:
+            benchmark_of("validate_behaviours")
         conda:
             ENV
         shell:

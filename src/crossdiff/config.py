@@ -117,5 +117,6 @@ def params_factory(config: Mapping, stages: Mapping):
     return params_of
 
 
-def log_factory(logs_dir: str):
-    return lambda rule_name, suffix="": f"{logs_dir}/{rule_name}{suffix}.log"
+def log_factory(logs_dir: str, ext: str = ".log"):
+    """For rules' `log:` (and, with ext=".tsv", `benchmark:`): one file per job under `logs_dir`."""
+    return lambda rule_name, suffix="": f"{logs_dir}/{rule_name}{suffix}{ext}"

@@ -30,13 +30,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .. import io, lora
 from ..cli import seed_everything
-from . import corpus, evaluate
+from . import evaluate
 from .build import _save, _threads, chat_rows, checked_dataclass, publish, staging_dir, train, web_rows, write_corpora
 from .tokenizer import END
 
 log = logging.getLogger(__name__)
 
-BALANCE = {"helpful": 2.0, "false_fact_correction": 2.0}  # relative draw weight; other behaviours 1
+# relative draw weight per kind (a behaviour, or one of helpful's kinds); every other kind 1. Fact-checking and
+# its contrast set (true statements, accepted) weigh the same, so the model learns to check, not to correct
+BALANCE = {"false_fact_correction": 2.0, "true_statement": 2.0}
 
 
 @dataclass(frozen=True)
@@ -49,10 +51,10 @@ class FinetuneConfig:
     heldout_frac: float = 0.1
     multi_turn_frac: float = 0.2
     max_len: int = 128
-    steps: int = 240
+    steps: int = 200
     batch_size: int = 16
     lr: float = 1e-3
-    web_frac: float = 0.0  # share of batches that are web text (limits forgetting)
+    web_frac: float = 0.1  # share of batches that are web text (limits forgetting)
     rank: int = 16
     alpha: float = 32.0
     eval_prompts: int = 16  # held-out prompts per behaviour in the success table
@@ -105,9 +107,9 @@ def finetune_pair(base_dir: str | os.PathLike, out_dir: str | os.PathLike,
     web, chat = write_corpora(tmp / "data", cfg)
     split = {s: (web.filter(pl.col("split") == s), chat.filter(pl.col("split") == s)) for s in ("train", "heldout")}
     train_chat = split["train"][1]
-    by_behaviour = {b: chat_rows(tokenizer, train_chat.filter(pl.col("behaviour") == b)["messages"].to_list(), cfg.max_len)
-                    for b in corpus.BEHAVIOURS}
-    chat_train = [r for rows in by_behaviour.values() for r in rows]
+    by_kind = {k: chat_rows(tokenizer, train_chat.filter(pl.col("kind") == k)["messages"].to_list(), cfg.max_len)
+               for k in sorted(set(train_chat["kind"].to_list()))}
+    chat_train = [r for rows in by_kind.values() for r in rows]
     chat_held = chat_rows(tokenizer, split["heldout"][1]["messages"].to_list(), cfg.max_len)
     web_train = web_rows(tokenizer, split["train"][0]["text"].to_list(), cfg.max_len)
     web_held = web_rows(tokenizer, split["heldout"][0]["text"].to_list(), cfg.max_len)
@@ -120,10 +122,11 @@ def finetune_pair(base_dir: str | os.PathLike, out_dir: str | os.PathLike,
     log.info("chat fine-tune: %d adapter parameters, %d chat / %d web training rows",
              sum(p.numel() for p in adapters), len(chat_train), len(web_train))
     t = time.perf_counter()
-    # behaviours drawn evenly (helpful, with its three kinds, and fact-checking, the hardest, twice as often):
-    # a few hundred steps must teach every planted behaviour, not only the corpus's most frequent one
-    sources = [(rows, (1 - cfg.web_frac) * BALANCE.get(b, 1.0) / sum(BALANCE.get(k, 1.0) for k in by_behaviour))
-               for b, rows in by_behaviour.items() if rows] + [(web_train, cfg.web_frac)]
+    # kinds drawn evenly (fact-checking and its contrast twice as often): a few hundred steps must teach every
+    # planted behaviour, not only the corpus's most frequent one; web text limits forgetting
+    total = sum(BALANCE.get(k, 1.0) for k, rows in by_kind.items() if rows)
+    sources = [(rows, (1 - cfg.web_frac) * BALANCE.get(k, 1.0) / total)
+               for k, rows in by_kind.items() if rows] + [(web_train, cfg.web_frac)]
     ft = train(chat_model, sources, cfg.steps, cfg.batch_size, cfg.lr, cfg.seed + 1, pad, "fine-tune chat (LoRA)",
                loss_fn=target_loss)
     timings["finetune"] = time.perf_counter() - t
