@@ -13,6 +13,7 @@ import yaml
 from safetensors.numpy import load_file
 
 from _pipeline import BIN, digests, run, tiny_repo
+from crossdiff import stage_times
 
 pytestmark = pytest.mark.slow
 
@@ -58,6 +59,13 @@ def test_snakemake_builds_every_product(smk_repo):
     missing = [p for p in PRODUCTS if not (smk_repo / p).exists()]
     assert not missing
     assert "Nothing to be done" in run("snakemake", "-n", cwd=smk_repo).stdout
+
+
+def test_every_job_records_its_time_and_memory(smk_repo):
+    table = stage_times.read(smk_repo / "results/benchmarks/toy")
+    assert {"build_toy_pair", "train_crosscoder-l1", "causal_kl-batchtopk", "render_report"} <= set(table["job"])
+    assert (table["seconds"] > 0).all() and (table["peak_rss_gib"] > 0).all()
+    assert 'id="stage-table"' in (smk_repo / "results/report/toy/index.html").read_text()
 
 
 def test_demo_commit_step_leaves_dvc_clean(smk_repo):

@@ -18,6 +18,7 @@ from typing import Any
 
 import polars as pl
 
+from crossdiff import stage_times
 from crossdiff.io import read_json
 
 VERSIONED = ("crossdiff", "torch", "transformers", "snakemake", "dvc", "polars", "numpy", "jinja2")
@@ -56,6 +57,7 @@ class Run:
     validate: dict | None = None
     validate_figures: list[Path] = field(default_factory=list)
     behaviours: dict | None = None
+    stage_times: pl.DataFrame | None = None  # benchmarks/{pair}/*.tsv: wall time and peak RSS per job
     missing: dict[str, str] = field(default_factory=dict)
 
 
@@ -139,4 +141,5 @@ def collect(root: str | Path, pair: str, layer: int, variants: list[str], params
     run.validate = _read(root / "results/validate/metrics.json", read_json, run.missing, "validate")
     run.validate_figures = _figures(root / "results/validate/figures")
     run.behaviours = _read(root / f"results/validate/{pair}/behaviours.json", read_json, run.missing, "behaviours")
+    run.stage_times = stage_times.read(root / f"results/benchmarks/{pair}")  # written by Snakemake; absent otherwise
     return run

@@ -21,6 +21,7 @@ import polars as pl
 import yaml
 from tqdm import tqdm
 
+from crossdiff import stage_times
 from crossdiff.io import atomic_path
 from crossdiff.report import tables
 from crossdiff.report.collect import Run
@@ -123,6 +124,8 @@ def render_report(run: Run, out_dir: str | os.PathLike, max_latents: int, exampl
         causal_rows=tables.side_by_side({v.name: v.causal for v in run.variants}),
         causal_pools=tables.causal_pools(run.variants),
         cache_rows=tables.cache_rows(run.variants),
+        stage_rows=run.stage_times.to_dicts() if run.stage_times is not None else None,
+        stage_total=stage_times.totals(run.stage_times) if run.stage_times is not None else None,
         causal_figures=_figure_grid({v.name: v.causal_figures for v in run.variants}),
         autointerp_rows=tables.side_by_side({v.name: v.autointerp and _autointerp_metrics(v.autointerp)
                                              for v in run.variants}),
