@@ -25,6 +25,7 @@ include: "rules/activations.smk"
 include: "rules/crosscoder.smk"
 include: "rules/analysis.smk"
 include: "rules/causal.smk"
+include: "rules/seeds.smk"
 include: "rules/autointerp.smk"
 include: "rules/validate.smk"
 include: "rules/report.smk"
@@ -39,6 +40,7 @@ rule all:
         rules.crosscoders.input,
         rules.analysis.input,
         rules.causal.input,
+        rules.seeds.input,
         rules.autointerp.input,
         rules.validate.input,
         rules.report.input,

@@ -7,6 +7,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from crossdiff import config as cfg
+from crossdiff import seeds
 from crossdiff.guard import refuse_if_dvc_running
 
 refuse_if_dvc_running(workflow.basedir)
@@ -19,7 +20,11 @@ TOY = config["models"]["base"] == "toy"
 PACKAGED = config["models"]["base"].removeprefix("package:") if config["models"]["base"].startswith("package:") else None
 FINETUNED = config["models"]["chat"] == "finetune"
 BUILT = TOY or FINETUNED  # the pipeline builds the pair, so it has the planted behaviours' labels
-VARIANTS = list(config["crosscoders"])
+VARIANTS = list(config["crosscoders"])  # primary runs (seed = params `seed`): autointerp and the report use these
+RUNS = VARIANTS + seeds.replicates(VARIANTS, config["seed"], config["seeds"])  # + NAME-seedN replicates
+
+wildcard_constraints:
+    variant=r"[A-Za-z0-9_-]+",
 SPLITS = ["train", "val"]
 
 MODELS = f"results/models/{PAIR}"
@@ -59,8 +64,9 @@ STAGES = {
     "explain_and_score": ["autointerp", "models", "device"],
     "validate_synthetic": ["validate", "crosscoders", "analysis"],
     "validate_behaviours": ["analysis"],
+    "summarise_seeds": ["seed", "seeds"],
     # the report prints the run's params, so it declares every key the pipeline's outputs depend on
-    "render_report": ["report", "pair", "layer", "seed", "models", "corpus", "activations", "crosscoders",
+    "render_report": ["report", "pair", "layer", "seed", "seeds", "models", "corpus", "activations", "crosscoders",
                       "analysis", "causal", "autointerp"] + (["toy"] if TOY else []) + (["finetune"] if FINETUNED else []),
 }
 

@@ -7,6 +7,7 @@ rule render_report:
         training=expand(f"{CC}/{{variant}}/metrics.json", variant=VARIANTS),
         latents=expand(f"{ANALYSIS}/{{variant}}/latents.parquet", variant=VARIANTS),
         comparison=f"{ANALYSIS}/comparison/metrics.json",
+        seeds=f"{ANALYSIS}/seeds/metrics.json",
         causal=expand(f"{CAUSAL}/{{variant}}/kl.parquet", variant=VARIANTS),
         examples=expand(f"{AUTOINTERP}/{{variant}}/examples.parquet", variant=VARIANTS),
         scores=expand(f"{AUTOINTERP}/{{variant}}/scores.parquet", variant=VARIANTS),

@@ -27,7 +27,8 @@ PRODUCTS = [
     *[f"results/crosscoders/toy/{L}/{v}/model.safetensors" for v in VARIANTS],
     *[f"results/crosscoders/toy/{L}/{v}/metrics.json" for v in VARIANTS],
     *[f"results/analysis/toy/{L}/{v}/latents.parquet" for v in VARIANTS],
-    *[f"results/causal/toy/{L}/{v}/kl.parquet" for v in VARIANTS],
+    *[f"results/causal/toy/{L}/{v}/kl.parquet" for v in VARIANTS + [f"{v}-seed1" for v in VARIANTS]],
+    f"results/analysis/toy/{L}/seeds/metrics.json",
     *[f"results/autointerp/toy/{L}/{v}/scores.parquet" for v in VARIANTS],
     "results/validate/metrics.json",
     "results/report/toy/index.html",
@@ -119,6 +120,9 @@ def test_param_change_reruns_exactly_the_affected_stages(dvc_repo):
     (dvc_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     affected = {"train_crosscoder-batchtopk", "analyse_latents-batchtopk", "compare_variants",
                 "causal_kl-batchtopk", "collect_examples-batchtopk", "explain_and_score-batchtopk",
+                # its seed replicate, and the across-seeds summary
+                "train_crosscoder-batchtopk-seed1", "analyse_latents-batchtopk-seed1", "causal_kl-batchtopk-seed1",
+                "summarise_seeds",
                 "render_report", "validate_behaviours",
                 "validate_synthetic",  # trains both kinds on synthetic data with the `crosscoders` configs
                 # behaviours.json (one file for both variants) picks the latents autointerp explains; l1's part is

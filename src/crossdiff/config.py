@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from crossdiff import seeds
+
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = ROOT / "schemas" / "params.schema.yaml"
 
@@ -62,6 +64,15 @@ def get(cfg: Mapping, dotted: str) -> Any:
     return node
 
 
+def stage_keys(keys: Iterable[str], wildcards: Mapping[str, str]) -> list[str]:
+    """One job's params keys: `keys` with its wildcards filled in. A seed replicate (`l1-seed1`, crossdiff.seeds)
+    reads its variant's entry, `crosscoders.l1`: Snakemake's params and DVC's both come from here."""
+    w = dict(wildcards)
+    if "variant" in w:
+        w["variant"] = seeds.parse(w["variant"])[0]
+    return [k.format(**w) for k in keys]
+
+
 def select(cfg: Mapping, keys: Iterable[str], **wildcards: str) -> dict:
     """The sub-tree of `cfg` a stage reads (only `keys`, wildcards like {variant} filled in).
 
@@ -69,8 +80,8 @@ def select(cfg: Mapping, keys: Iterable[str], **wildcards: str) -> dict:
     (and DVC, which tracks the declared keys, cannot miss a dependency).
     """
     out: dict = {}
-    for key in keys:
-        parts = key.format(**wildcards).split(".")
+    for key in stage_keys(keys, wildcards):
+        parts = key.split(".")
         node = out
         for part in parts[:-1]:
             node = node.setdefault(part, {})

@@ -54,6 +54,7 @@ class Run:
     models: dict | None = None
     comparison: dict | None = None
     comparison_figures: list[Path] = field(default_factory=list)
+    seeds: dict | None = None             # analysis/.../seeds/metrics.json (crossdiff.seeds)
     validate: dict | None = None
     validate_figures: list[Path] = field(default_factory=list)
     behaviours: dict | None = None
@@ -138,6 +139,7 @@ def collect(root: str | Path, pair: str, layer: int, variants: list[str], params
     run.models = _read(root / f"results/models/{pair}/metrics.json", read_json, run.missing, "models")
     run.comparison = _read(comp / "metrics.json", read_json, run.missing, "comparison")
     run.comparison_figures = _figures(comp / "figures")
+    run.seeds = _read(comp.parent / "seeds" / "metrics.json", read_json, run.missing, "seeds")
     run.validate = _read(root / "results/validate/metrics.json", read_json, run.missing, "validate")
     run.validate_figures = _figures(root / "results/validate/figures")
     run.behaviours = _read(root / f"results/validate/{pair}/behaviours.json", read_json, run.missing, "behaviours")

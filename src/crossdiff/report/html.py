@@ -131,6 +131,7 @@ def render_report(run: Run, out_dir: str | os.PathLike, max_latents: int, exampl
                                              for v in run.variants}),
         ground_truth={v.name: ((v.autointerp or {}).get("ground_truth") or {}).get("latents") for v in run.variants},
         summary=[tables.summary_row(v) for v in run.variants],
+        seed_rows=tables.seed_rows(run.seeds),
         robust={v.name: tables.robust_latents(latent_tables.get(v.name), v, run.behaviours, min_auroc, SUMMARY_LATENTS)
                 for v in run.variants},
         min_auroc=min_auroc,

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import polars as pl
+from markupsafe import Markup
 
 from crossdiff.report.collect import VariantRun
 
@@ -452,3 +453,25 @@ def robust_latents(table: pl.DataFrame | None, variant: VariantRun, behaviours: 
         behaviour, auroc = truth.get(r["latent"], (None, None))
         r.update(behaviour=behaviour, auroc=auroc, named=named.get(r["latent"]))
     return rows
+
+
+SEED_NUMBERS = {  # headline key (crossdiff.seeds.headline) -> column label of the report's across-seeds table
+    "n_chat_only": "chat-only latents", "n_shared": "shared", "n_base_only": "base-only", "val_fve": "val FVE",
+    "median_nu_eps_chat_only": "median ν<sup>ε</sup> chat-only", "median_nu_r_chat_only": "median ν<sup>r</sup> chat-only",
+    "kl_full_all": "KL all latents", "kl_full_nu_best": "KL ν best 50%", "kl_full_nu_worst": "KL ν worst 50%",
+    "kl_full_delta_norm_best": "KL Δnorm best 50%", "kl_full_delta_norm_worst": "KL Δnorm worst 50%",
+}
+
+
+def seed_rows(summary: dict | None) -> dict | None:
+    """The across-seeds tables: per variant, SEED_NUMBERS as mean ± sd; per paper claim, n of N seeds per variant."""
+    if not summary:
+        return None
+    variants = list(summary)
+    numbers = [{"variant": v, "seeds": len(s["seeds"]), "cells": [s["numbers"].get(k) for k in SEED_NUMBERS]}
+               for v, s in summary.items()]
+    claim_names = list(dict.fromkeys(c for s in summary.values() for c in s["claims"]))
+    claims = [{"statement": next(s["claims"][c]["statement"] for s in summary.values() if c in s["claims"]),
+               "held": [summary[v]["claims"].get(c) for v in variants]} for c in claim_names]
+    return {"labels": [Markup(x) for x in SEED_NUMBERS.values()], "variants": variants, "numbers": numbers,
+            "claims": claims}
