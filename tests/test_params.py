@@ -69,6 +69,9 @@ def test_snakemake_stops_before_compute_on_bad_params(tmp_path):
 
 # The stages that load a language model (the pair, the chat model, or the served explainer/scorer).
 MODEL_STAGES = ["cache_activations", "generate_eval_set", "causal_kl", "explain_and_score"]
+# The stages that run only crosscoders (training, Latent Scaling, examples, validation): device, no dtype.
+CROSSCODER_STAGES = ["train_crosscoder", "analyse_latents", "collect_examples", "validate_synthetic",
+                     "validate_behaviours"]
 
 
 def dry_run_params(tmp_path, override: dict) -> dict[str, list[dict]]:
@@ -96,10 +99,11 @@ def test_device_and_dtype_reach_every_model_loading_stage(tmp_path):
             rt = cfg.Runtime.from_params(params)
             assert rt == cfg.Runtime(device="cuda:1", dtype="bfloat16"), (stage, params)
             assert resolve_device(rt.device) == torch.device("cuda", 1)  # no GPU needed to name one
-    assert all(p["device"] == "cuda:1" for p in jobs["train_crosscoder"])  # crosscoders train there too
+    for stage in CROSSCODER_STAGES:  # crosscoders train, are analysed and validated there too
+        assert jobs.get(stage) and all(p["device"] == "cuda:1" for p in jobs[stage]), stage
 
 
-@pytest.mark.parametrize("stage", MODEL_STAGES)
+@pytest.mark.parametrize("stage", MODEL_STAGES + CROSSCODER_STAGES)
 def test_model_loading_scripts_have_no_device_default_that_wins(stage):
     """The defect: `--device` defaulting to "auto" silently replaced params `device`. An override may exist
     (tests pass --device cpu) but must default to None, so the params slice decides."""

@@ -15,12 +15,13 @@ def main(argv=None) -> None:
     p.add_argument("--train", required=True, help="train activation cache (Latent Scaling over its first scaling_tokens rows)")
     p.add_argument("--val", required=True, help="validation activation cache (frequencies, template shares, max)")
     p.add_argument("--out", required=True, help="output dir: latents.parquet, metrics.json, figures/")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default=None, help="overrides params `device` (auto | cpu | cuda[:N])")
     args, params = cli.parse(p, argv)
     ap = params["analysis"]
     out = Path(args.out)
     t0 = time.perf_counter()
-    table = analyse(args.crosscoder, args.train, args.val, ap, device=cli.resolve_device(args.device))
+    device = cli.resolve_device(args.device or params.get("device", "auto"))
+    table = analyse(args.crosscoder, args.train, args.val, ap, device=device)
     metrics = {**summarise(table, ap), "cache": {"train": summary(args.train), "val": summary(args.val)},
                "seconds": round(time.perf_counter() - t0, 2)}
     io.write_parquet(out / "latents.parquet", table)

@@ -19,6 +19,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True, help="examples.parquet")
     p.add_argument("--behaviours", default=None, help="behaviours.json of the pair (planted behaviours), optional")
     p.add_argument("--variant", default=None, help="this crosscoder variant's name in behaviours.json")
+    p.add_argument("--device", default=None, help="overrides params `device` (auto | cpu | cuda[:N])")
     args, params = cli.parse(p, argv)
     ai = params["autointerp"]
     extra = []
@@ -28,7 +29,7 @@ def main(argv=None) -> None:
             raise SystemExit(f"--variant {args.variant!r} is not in {args.behaviours} (has {sorted(variants)})")
         extra = sorted(behaviour_latents(variants[args.variant], ai["behaviour_auroc"]))
     examples = collect_examples(args.crosscoder, args.latents, args.val, args.tokenizer, ai,
-                                device=cli.resolve_device("auto"), behaviour_latents=extra)
+                                device=cli.resolve_device(args.device or params.get("device", "auto")), behaviour_latents=extra)
     io.write_parquet(args.out, examples)
 
 

@@ -17,10 +17,10 @@ def main(argv=None) -> None:
     p.add_argument("--val", required=True, help="val activation cache (HDF5, public format)")
     p.add_argument("--corpus", required=True, help="val corpus parquet (seq, source, behaviour)")
     p.add_argument("--out", required=True, help="behaviours.json")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default=None, help="overrides params `device` (auto | cpu | cuda[:N])")
     args, params = cli.parse(p, argv)
     run_behaviours(params, args.variants, args.crosscoders, args.analysis, args.val, args.corpus, args.out,
-                   device=args.device)
+                   device=args.device or params.get("device", "auto"))
 
 
 if __name__ == "__main__":

@@ -16,13 +16,14 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True, help="folder for metrics.json and figures/")
     p.add_argument("--work", default=None, help="keep caches, crosscoders and latent tables here (default: a temp dir)")
     p.add_argument("--variants", nargs="*", default=None, help="subset of `crosscoders:` (default: all)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default=None, help="overrides params `device` (auto | cpu | cuda[:N])")
     args, params = cli.parse(p, argv)
+    device = args.device or params.get("device", "auto")
     if args.work:
-        run_validation(params, args.out, args.work, args.device, args.variants)
+        run_validation(params, args.out, args.work, device, args.variants)
         return
     with tempfile.TemporaryDirectory(prefix="crossdiff-validate-") as work:
-        run_validation(params, args.out, work, args.device, args.variants)
+        run_validation(params, args.out, work, device, args.variants)
 
 
 if __name__ == "__main__":
