@@ -27,6 +27,7 @@ include: "rules/analysis.smk"
 include: "rules/causal.smk"
 include: "rules/autointerp.smk"
 include: "rules/validate.smk"
+include: "rules/sweep.smk"
 include: "rules/report.smk"
 include: "rules/bench.smk"
 
