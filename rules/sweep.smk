@@ -12,7 +12,7 @@ SWEEP_DIR = f"results/sweep/{PAIR}/L{LAYER}/{SWEEP['variant']}"
 SWEEP_PREFIX = sweep_lib.PREFIX[SWEEP_ENTRY["type"]]  # k (BatchTopK) or l0_ (L1's target_l0)
 SWEEP_POINT = f"{SWEEP_DIR}/{SWEEP_PREFIX}{{sparsity}}-x{{expansion}}"
 SWEEP_GRID = sweep_lib.grid(SWEEP)
-# A point reads only its own keys, not the grid: adding a value to the grid trains the new points alone.
+# A point reads only its own keys (sweep.track only decides whether dvc.yaml lists the sweep), not the grid: adding a value to the grid trains the new points alone.
 STAGES["sweep_point"] = ["sweep.variant", "sweep.max_steps", f"crosscoders.{SWEEP['variant']}", "seed", "device",
                          "analysis.classes", "analysis.dead_freq"]
 STAGES["sweep_aggregate"] = ["sweep", f"crosscoders.{SWEEP['variant']}"]

@@ -104,15 +104,23 @@ def test_report_shows_the_front_only_when_asked(tmp_path):
     assert text.count("<td>✓</td>") == 2 and "not in the grid" in text and "front.png" in text
 
 
-def test_dvc_yaml_has_a_stage_per_point_and_the_front_plot():
+def test_dvc_sees_the_sweep_only_when_tracked():
+    """sweep.track: false (default) keeps dvc.yaml the pipeline of `all`; true adds a stage per point, their
+    metrics and a scatter plot of the front."""
+    from crossdiff import dvcsync
+
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    doc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    assert not params["sweep"]["track"] and dvcsync.targets(ROOT) == ["all"]
+    committed = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    assert not [s for s in committed["stages"] if s.startswith("sweep")]
+    doc = dvcsync.build(ROOT, ["all", "sweep"])
     points = [s for s in doc["stages"] if s.startswith("sweep_point-")]
     assert len(points) == len(sweep.grid(params["sweep"])) and "sweep_aggregate" in doc["stages"]
+    assert set(doc["stages"]) - set(committed["stages"]) == {*points, "sweep_aggregate"}
     assert doc["stages"][points[0]]["params"][:2] == ["sweep.variant", "sweep.max_steps"]
     fronts = [p for p in doc["plots"] if isinstance(p, dict) and next(iter(p)).endswith("/front.tsv")]
     assert len(fronts) == 1 and next(iter(fronts[0].values()))["x"] == "l0"
-    assert sum("/results/sweep/" in "/" + m for m in doc["metrics"]) == len(points) + 1
+    assert sum(m.startswith("results/sweep/") for m in doc["metrics"]) == len(points) + 1
 
 
 # -- a tiny `snakemake sweep` on a planted cache (the rule, its script and the trainer, end to end) -----------
