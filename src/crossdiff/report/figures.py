@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after matplotlib.use: the headless backend first)
 import numpy as np  # noqa: E402  (after matplotlib.use: the headless backend first)
 import polars as pl  # noqa: E402  (after matplotlib.use: the headless backend first)
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402  (after matplotlib.use)
 
 from crossdiff.io import atomic_path  # noqa: E402  (after matplotlib.use: the headless backend first)
 
@@ -264,6 +265,9 @@ def sweep_front(path: str | Path, table: pl.DataFrame, knob: str = "k", title: s
             a.scatter(pick["l0"].to_numpy(), pick[y].to_numpy(), s=160, facecolors="none",
                       edgecolors=PALETTE["chosen"], linewidths=1.5, label="params' own point", zorder=3)
         a.set_xscale("log")
+        a.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        a.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        a.xaxis.set_minor_formatter(NullFormatter())
         a.set_xlabel("val L0 (active latents per token)")
     ax.set(ylabel="val FVE", title=(title or f"FVE vs L0 over {knob} × expansion")
            + ("" if pick.height else "\n(the params' own point is not in the grid)"))
