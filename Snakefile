@@ -28,6 +28,7 @@ include: "rules/causal.smk"
 include: "rules/seeds.smk"
 include: "rules/autointerp.smk"
 include: "rules/validate.smk"
+include: "rules/sweep.smk"
 include: "rules/report.smk"
 include: "rules/bench.smk"
 

@@ -13,6 +13,7 @@ rule render_report:
         scores=expand(f"{AUTOINTERP}/{{variant}}/scores.parquet", variant=VARIANTS),
         validate="results/validate/metrics.json",
         behaviours=[f"results/validate/{PAIR}/behaviours.json"] if BUILT else [],
+        sweep=SWEEP_REPORT,  # the sweep's front, with report.include_sweep (rules/sweep.smk)
     output:
         index=f"{REPORT}/index.html",
         latents=directory(f"{REPORT}/latents"),

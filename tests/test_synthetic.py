@@ -295,3 +295,32 @@ def test_validate_behaviours_script_against_brute_force(tmp_path):
         au = [brute_auroc(mx[y, j], mx[~y, j]) for j in range(24) if not dead[j]]
         assert np.isclose(res["variants"]["l1"][label]["all_latents"]["auroc"], max(au))
         assert res["variants"]["l1"][label]["n_conversations"] == y.sum()
+
+
+# -- validate.train overrides, and the health verdict in results/validate/metrics.json --------------------------
+
+def test_validate_train_overrides_keep_an_entrys_auto():
+    vp = {"epochs": 3, "train": {"mu": 0.041, "lr": 0.001, "k": 4, "batch_size": 512}}
+    l1 = syn.variant_params({"type": "l1", "mu": "auto", "target_l0": 6, "lr": "auto", "batch_size": 1024}, vp)
+    assert l1 == {"type": "l1", "mu": "auto", "target_l0": 6, "lr": "auto", "batch_size": 512, "epochs": 3}
+    fixed = syn.variant_params({"type": "l1", "mu": 0.15, "lr": 0.01}, vp)
+    assert fixed["mu"] == 0.041 and fixed["lr"] == 0.001 and "k" not in fixed
+    assert syn.variant_params({"type": "batchtopk", "k": 20}, vp)["k"] == 4
+
+
+def test_health_verdict_reaches_validate_metrics(tmp_path):
+    """A run made to fail (min_fve 0.99 after a few steps) is `fail` with its reason in metrics.json on disk."""
+    from crossdiff.io import read_json
+
+    entry = {"type": "batchtopk", "expansion": 2, "k": 2, "k_aux": 8, "batch_size": 256, "min_steps": 0,
+             "val_every": 5, "checkpoint_every": 1000, "health": {"min_fve": 0.99}}
+    params = {"validate": {**SPEC, "noise": 0.01, "n_tokens": 1500, "epochs": 1, "match_cos": 0.9, "train": {"k": 3}},
+              "crosscoders": {"tk": entry},
+              "analysis": {"classes": {"base_only": [0.0, 0.1], "shared": [0.4, 0.6], "chat_only": [0.9, 1.0]},
+                           "scaling_tokens": 1000, "batch_size": 512, "dead_freq": 1e-6, "nu_thresholds": [0.5]}}
+    syn.run_validation(params, tmp_path / "out", tmp_path / "work", device="cpu", progress=False)
+    m = read_json(tmp_path / "out" / "metrics.json")
+    training = m["variants"]["tk"]["training"]
+    assert m["health"] == {"tk": "fail"} and training["health"] == "fail"
+    assert any(r.startswith("fve:") and "min_fve 0.99" in r for r in training["health_reasons"])
+    assert training["k"] == 3 and training["target_l0"] == 3

@@ -6,6 +6,7 @@ job's inputs, rule file, workflow script and the library files that script impor
 `codedeps.closure`, never listed by hand) as `deps`, the params keys its rule declares in
 `rules/common.smk: STAGES` as `params`, and its outputs as cached `outs`. Metrics JSON files and figures
 are listed in the top-level `metrics:` / `plots:` sections for `dvc metrics diff` and `dvc plots diff`.
+The DAG is that of `all`, plus the optional `sweep` when params `sweep.track` is true (one stage per point).
 
 This leans on Snakemake internals (DAG construction); snakemake is pinned and a test covers it.
 """
@@ -81,12 +82,22 @@ def _params(job, stages: dict) -> list[str]:
     return stage_keys(stages.get(job.rule.name, []), job.wildcards_dict)
 
 
-def build(root: str | os.PathLike = ".") -> dict:
-    """The dvc.yaml document for the Snakefile in `root`."""
+def targets(root: Path) -> list[str]:
+    """`all`, and `sweep` when params `sweep.track` is true.
+
+    Why not always: DVC runs, commits and pulls every stage of dvc.yaml, so untracked optional stages would
+    make `dvc repro`/`dvc exp run` train the sweep and `dvc commit`/`dvc pull` fail on its never-built outputs.
+    (With `report.include_sweep` the sweep is part of `all`, so its stages are in dvc.yaml either way.)"""
+    params = yaml.safe_load((root / "params.yaml").read_text()) or {}
+    return ["all"] + (["sweep"] if (params.get("sweep") or {}).get("track") else [])
+
+
+def build(root: str | os.PathLike = ".", targets_: list[str] | None = None) -> dict:
+    """The dvc.yaml document for the Snakefile in `root` (the DAG of `targets_`, default `targets(root)`)."""
     root = Path(root).resolve()
     cwd = Path.cwd()
     try:
-        jobs, stages = _jobs(root)
+        jobs, stages = _jobs(root, targets_ or targets(root))
         dvc_stages: dict[str, dict] = {}
         metrics: list[str] = []
         plots: list = []
@@ -108,6 +119,9 @@ def build(root: str | os.PathLike = ".") -> dict:
                     metrics.append(f)
                 if f.endswith("/figures"):
                     plots.append(f)
+                if f.endswith("/front.tsv"):          # the sweep's points: `dvc plots show` draws FVE vs L0
+                    plots.append({f: {"x": "l0", "y": "fve", "template": "scatter",
+                                      "title": "sweep: val FVE vs L0", "x_label": "val L0", "y_label": "val FVE"}})
                 if f.endswith("/dvclive"):
                     plots.append({f"{f}/plots/metrics": {"x": "step"}})
         doc = {"stages": dvc_stages, "metrics": metrics, "plots": plots}

@@ -345,9 +345,17 @@ def expected(spec: SyntheticSpec, norm_base: float, norm_chat: float) -> dict:
 
 def variant_params(entry: Mapping, vp: Mapping) -> dict:
     """A `crosscoders:` entry at the synthetic scale: `validate.epochs`, and `validate.train` values for the
-    keys the entry has (so `k` only reaches BatchTopK and `mu` only L1; everything else is the entry's)."""
-    over = {k: v for k, v in vp.get("train", {}).items() if k in entry}
+    keys the entry has (so `k` only reaches BatchTopK and `mu` only L1; everything else is the entry's).
+
+    A key the entry sets to `auto` stays `auto`: the user asked for calibration (`mu: auto` toward its
+    `target_l0`, `lr: auto`), and a fixed value tuned to this set would validate something else."""
+    over = {k: v for k, v in vp.get("train", {}).items() if k in entry and entry[k] != "auto"}
     return {**entry, **over, "epochs": vp["epochs"]}
+
+
+# The trainer's metrics copied into each variant's block: the health verdict (crossdiff.health) with its
+# reasons, and the μ / lr a run actually used (mu: auto, lr: auto).
+TRAINING_KEYS = ("val", "steps", "dict_size", "kind", "k", "mu", "lr", "target_l0", "health", "health_reasons")
 
 
 def run_validation(params: Mapping, out: str | Path, work: str | Path, device: str = "auto",
@@ -380,11 +388,12 @@ def run_validation(params: Mapping, out: str | Path, work: str | Path, device: s
         cc = CrossCoder.load(work / name)
         truth = latent_truth(cc, gt, "val", n_val)
         kind = matched_kinds(truth["feature"], truth["cos"], gt, vp["match_cos"])
-        result[name] = {"training": {k: training.get(k) for k in ("val", "steps", "dict_size", "kind", "k")},
+        result[name] = {"training": {k: training.get(k) for k in TRAINING_KEYS},
                         **variant_metrics(table, truth, gt, vp["match_cos"], params["analysis"]["nu_thresholds"])}
         runs[name] = (table, kind)
     metrics = {"spec": {**vars(spec), "n_features": dict(spec.n_features), "n_val_tokens": n_val},
-               "match_cos": vp["match_cos"], "expected": expected(spec, *_norms(paths["train"])), "variants": result}
+               "match_cos": vp["match_cos"], "expected": expected(spec, *_norms(paths["train"])),
+               "health": {name: r["training"]["health"] for name, r in result.items()}, "variants": result}
     truth_nu_scatter(out / "figures" / "nu_scatter.png", runs)
     truth_delta_norm_by_kind(out / "figures" / "delta_norm_by_kind.png", runs, params["analysis"]["classes"])
     write_json(out / "metrics.json", metrics)

@@ -59,6 +59,9 @@ class Run:
     validate_figures: list[Path] = field(default_factory=list)
     behaviours: dict | None = None
     stage_times: pl.DataFrame | None = None  # benchmarks/{pair}/*.tsv: wall time and peak RSS per job
+    sweep: dict | None = None             # sweep/.../metrics.json (only with report.include_sweep)
+    sweep_table: pl.DataFrame | None = None
+    sweep_figures: list[Path] = field(default_factory=list)
     missing: dict[str, str] = field(default_factory=dict)
 
 
@@ -144,4 +147,10 @@ def collect(root: str | Path, pair: str, layer: int, variants: list[str], params
     run.validate_figures = _figures(root / "results/validate/figures")
     run.behaviours = _read(root / f"results/validate/{pair}/behaviours.json", read_json, run.missing, "behaviours")
     run.stage_times = stage_times.read(root / f"results/benchmarks/{pair}")  # written by Snakemake; absent otherwise
+    sweep = (params or {}).get("sweep")
+    if (params or {}).get("report", {}).get("include_sweep") and sweep:
+        sw = root / f"results/sweep/{pair}/L{layer}/{sweep['variant']}"
+        run.sweep = _read(sw / "metrics.json", read_json, run.missing, "sweep")
+        run.sweep_table = _read(sw / "table.parquet", pl.read_parquet, run.missing, "sweep_table")
+        run.sweep_figures = _figures(sw / "figures")
     return run

@@ -1,7 +1,7 @@
 """Every figure of the pipeline, in one home: one palette, one `_save` (Agg; PNG or SVG by the file's suffix).
 
 Analysis (paper Fig. 1a/b, 8, 10, 11, 12 and the Δnorm histogram; dead latents left out, as in A.13), causal KL
-(Fig. 5) and the synthetic ground-truth check. Each function writes one file atomically.
+(Fig. 5), the synthetic ground-truth check and the sparsity × expansion sweep. Each function writes one file atomically.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after matplotlib.use: the headless backend first)
 import numpy as np  # noqa: E402  (after matplotlib.use: the headless backend first)
 import polars as pl  # noqa: E402  (after matplotlib.use: the headless backend first)
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402  (after matplotlib.use)
 
 from crossdiff.io import atomic_path  # noqa: E402  (after matplotlib.use: the headless backend first)
 
@@ -25,6 +26,8 @@ PALETTE = {
     "shrinkage": "tab:orange", "decoupled": "tab:brown", "unmatched": "0.7",
     "none": "0.55", "all": "0.3", "template": "tab:olive", "delta_norm_best": "tab:cyan",
     "delta_norm_worst": "paleturquoise", "nu_best": "tab:green", "nu_worst": "palegreen",
+    # the sweep: the Pareto front, the params' own point, and one colour per dictionary size (in order)
+    "front": "0.2", "chosen": "black", "series": ("tab:cyan", "tab:pink", "tab:olive", "tab:gray", "goldenrod"),
 }
 LABELS = {"chat_only": "chat-only", "shared": "shared", "base_only": "base-only", "other": "other",
           "none": "None", "all": "All", "template": "Template", "delta_norm_best": "Δnorm\nbest 50%",
@@ -232,5 +235,43 @@ def truth_delta_norm_by_kind(path: str | Path, runs: Mapping[str, tuple], bands:
             ax.axvspan(lo, hi, color="0.9", zorder=0)
         ax.set(title=f"{name}: Δnorm by true kind", xlabel="Δnorm", ylabel="latents", yscale="log")
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ---- the sparsity × expansion sweep ----------------------------------------------------------------------------
+
+def sweep_front(path: str | Path, table: pl.DataFrame, knob: str = "k", title: str = "") -> Path:
+    """Left: val FVE vs L0 of every sweep point (colour = expansion, label = its k or target L0), the Pareto
+    front as a line, the params' own point ringed. Right: the dead fraction of each point against its L0.
+
+    `table`: crossdiff.sweep.table (sparsity, expansion, fve, l0, dead, on_front, chosen)."""
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    colours = PALETTE["series"]
+    for i, x in enumerate(sorted(table["expansion"].unique().to_list())):
+        t = table.filter(pl.col("expansion") == x).sort("l0")
+        c = colours[i % len(colours)]
+        for a, y in ((ax, "fve"), (ax2, "dead")):
+            a.plot(t["l0"].to_numpy(), t[y].to_numpy(), "o:", color=c, ms=6, lw=0.8, label=f"expansion {x}")
+        for r in t.iter_rows(named=True):
+            ax.annotate(f"{knob}={r['sparsity']}", (r["l0"], r["fve"]), fontsize=7, xytext=(4, -9),
+                        textcoords="offset points")
+    front = table.filter("on_front").sort("l0")
+    ax.plot(front["l0"].to_numpy(), front["fve"].to_numpy(), "-", color=PALETTE["front"], lw=1.5, zorder=0,
+            label=f"Pareto front ({front.height})")
+    pick = table.filter("chosen")
+    for a, y in ((ax, "fve"), (ax2, "dead")):
+        if pick.height:
+            a.scatter(pick["l0"].to_numpy(), pick[y].to_numpy(), s=160, facecolors="none",
+                      edgecolors=PALETTE["chosen"], linewidths=1.5, label="params' own point", zorder=3)
+        a.set_xscale("log")
+        a.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        a.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        a.xaxis.set_minor_formatter(NullFormatter())
+        a.set_xlabel("val L0 (active latents per token)")
+    ax.set(ylabel="val FVE", title=(title or f"FVE vs L0 over {knob} × expansion")
+           + ("" if pick.height else "\n(the params' own point is not in the grid)"))
+    ax2.set(ylabel="dead fraction (val)", title="dead latents", ylim=(0, max(0.05, float(table["dead"].max() or 0)) * 1.1))
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
