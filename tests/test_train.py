@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from crossdiff.cache import CacheError
-from crossdiff.crosscoder import CrossCoder
-from crossdiff.train import NonFiniteLoss, train
+from crossdiff.crosscoder import CrossCoder, CrossCoderConfig
+from crossdiff.train import NonFiniteLoss, l1_loss, recon_per_token, train
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
 
@@ -112,3 +112,16 @@ def test_nonfinite_loss_names_the_step(tmp_path):
         f["base"][700:] = np.inf
     with pytest.raises((NonFiniteLoss, CacheError), match=r"at step \d+|first at row \d+"):
         train(h5, None, tmp_path / "o2", dict(BTK, epochs=1), progress=False)
+
+
+def test_an_exactly_reconstructed_zero_row_keeps_the_gradient_finite():
+    """‖ε‖ is not differentiable at 0: a zero activation row with zero biases gave a NaN loss at step 1."""
+    torch.manual_seed(0)
+    cc = CrossCoder(CrossCoderConfig(8, 32, "l1"))
+    x = torch.randn(4, 2, 8)
+    x[0] = 0.0
+    out = l1_loss(cc, x, mu=0.1)
+    out["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in cc.parameters() if p.grad is not None)
+    eps = torch.randn(3, 2, 8)
+    assert torch.allclose(recon_per_token(eps, "norm"), 0.5 * eps.norm(dim=-1).sum(-1))  # unchanged elsewhere

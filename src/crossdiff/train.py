@@ -148,7 +148,8 @@ def objective(train_metrics: dict, kind: str, mu: float) -> float:
 def recon_per_token(eps: Tensor, how: str) -> Tensor:
     """(N,) per-token ½(‖ε_base‖ + ‖ε_chat‖) (eq. 3, 9), or with squared norms when how == "squared"."""
     sq = eps.pow(2).sum(-1)                                              # (N, 2)
-    per = sq.sqrt() if how == "norm" else sq
+    # clamp: ‖ε‖ has an infinite gradient at ε = 0 (an all-zero row reconstructed exactly), which made the loss NaN
+    per = sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt() if how == "norm" else sq
     return 0.5 * per.sum(-1)                                             # eq. 3 / 9 reconstruction term
 
 
