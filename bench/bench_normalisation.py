@@ -85,6 +85,7 @@ def main() -> None:
     p.add_argument("--budget-cpu-s", type=float, default=900.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", nargs="*", help="run names to run (default all)")
+    p.add_argument("--seed", type=int, default=None, help="training seed (a repeat for the seed-to-seed spread)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     params = yaml.safe_load(Path(args.params).read_text())
@@ -102,6 +103,8 @@ def main() -> None:
             entry.pop(k, None) if v is None else entry.__setitem__(k, v)
         if args.steps:
             entry["max_steps"] = args.steps
+        if args.seed is not None:
+            entry["seed"], name = args.seed, f"{name}/seed{args.seed}"
         row = run_one(name, entry, args, params["analysis"], work)
         rows.append(row)
         print(json.dumps(row), flush=True)
