@@ -115,6 +115,9 @@ CACHE = {"train": {"rows": 40960, "dtype": "float16", "sink_rows_excluded": 640,
                    "norm_base": 12.5, "norm_chat": 15.625, "norm_ratio": 1.25},
          "val": {"rows": 8192, "dtype": "float16", "sink_rows_excluded": 128, "outlier_rows": 0,
                  "outlier_factor": 10.0, "norm_base": 12.0, "norm_chat": 16.2}}
+# analysis metrics.json `space` (latents.normalisation_space): per variant, which space Δnorm and ν are in
+SPACE = {v: {"normalisation": mode, "scale": s, "norm_ratio": 1.25, "nu_to_raw": s[1] / s[0], "meaning": f"{mode} text"}
+         for v, mode, s in (("l1", "per_model", [0.8, 0.64]), ("batchtopk", "shared", [0.7, 0.7]))}
 KL_CONDITIONS = ["none", "all", "template", "delta_norm_best", "delta_norm_worst", "nu_best", "nu_worst"]
 
 
@@ -151,7 +154,7 @@ def build_run(root: Path, pair: str = "toy", layer: int = 1, variants=("l1", "ba
         write_parquet(an / "latents.parquet", lat)
         write_json(an / "metrics.json", {"counts": {k: int((lat["klass"] == k).sum()) for k in BANDS},
                                          "nu_r_in_shared_95": 0.18, "nu_below": {"0.1": 3, "0.5": 7},
-                                         "cache": CACHE})
+                                         "cache": CACHE, "space": SPACE[v]})
         figure(an / "figures" / "nu_scatter.png", f"{v}: nu scatter")
         figure(an / "figures" / "delta_norm_hist.png", f"{v}: delta norm")
         if f"{v}:causal" not in skip:

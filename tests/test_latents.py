@@ -181,7 +181,9 @@ def test_cli_outputs(run, tmp_path):
                                         "--val", str(tmp / "val.h5"), "--out", str(tmp_path / v), "--device", "cpu"])
     out = tmp_path / "l1"
     assert pl.read_parquet(out / "latents.parquet").equals(run["table"])
-    assert json.loads((out / "metrics.json").read_text())["classes"]["chat_only"] == 6
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["classes"]["chat_only"] == 6
+    assert metrics["space"]["normalisation"] == "per_model" and metrics["space"]["meaning"]  # Δnorm/ν's space
     assert sorted(p.name for p in (out / "figures").iterdir()) == [
         "cos_sim.png", "delta_norm.png", "freq.png", "nu_hist.png", "nu_scatter.png"]
     script("compare_variants").main(["--params", params, "--variants", "l1", "copy", "--analysis", str(tmp_path),

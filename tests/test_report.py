@@ -16,7 +16,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from _report_fixtures import BANDS, CACHE, NASTY, PARAMS, WARNING, build_run
+from _report_fixtures import BANDS, CACHE, NASTY, PARAMS, SPACE, WARNING, build_run
 from crossdiff.report import tables
 from crossdiff.report.collect import VariantRun, collect
 from crossdiff.report.html import render_report
@@ -131,6 +131,11 @@ def test_causal_pool_and_cache_summary_render(full):
                                       str(c["outlier_rows"]), "10", tables.fmt(c["norm_base"]),
                                       tables.fmt(c["norm_chat"]), tables.fmt(c["norm_chat"] / c["norm_base"])]
     assert "attention sinks" in t and "factor × median" in t
+
+    note = re.search(r'<p class="note" id="space-note">(.*?)</p>', html, re.S).group(1)  # Δnorm/ν space
+    for v, sp in SPACE.items():
+        assert f"<b>{v}</b>: {sp['normalisation']}, {sp['meaning']}" in note
+    assert "ν<sub>raw</sub> = 0.8 · ν" in note and "ν<sub>raw</sub> = 1 · ν" in note
 
     bare = [VariantRun("x", analysis={"counts": {}}, causal={"kl": {}})]  # older metrics: no tables, no error
     assert tables.cache_rows(bare) == [] and tables.causal_pools(bare) == []

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from crossdiff import cli, io
 from crossdiff.cache import summary
-from crossdiff.latents import analyse, summarise
+from crossdiff.latents import analyse, normalisation_space, summarise
 from crossdiff.report.figures import analysis_figures
 
 
@@ -22,7 +22,8 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     device = cli.resolve_device(args.device or params.get("device", "auto"))
     table = analyse(args.crosscoder, args.train, args.val, ap, device=device)
-    metrics = {**summarise(table, ap), "cache": {"train": summary(args.train), "val": summary(args.val)},
+    metrics = {**summarise(table, ap), "space": normalisation_space(args.crosscoder),  # which space Δnorm, ν are in
+               "cache": {"train": summary(args.train), "val": summary(args.val)},
                "seconds": round(time.perf_counter() - t0, 2)}
     io.write_parquet(out / "latents.parquet", table)
     analysis_figures(out / "figures", table, ap, name=Path(args.crosscoder).name)

@@ -1,8 +1,9 @@
 """The crosscoder (paper §2.1, A.1): one shared encoder over base+chat activations, one decoder per model.
 
-Parameters live in a *normalised* space (each model's activations scaled by √d / E‖h‖, DESIGN §4) so the
-sparsity terms and the latent analysis see comparable units; `encode` takes raw activations and `decode`
-returns raw activations, so every public output is in the units of the cache.
+Parameters live in a *normalised* space: each model's activations times a scalar from `scale_from_norms`
+(DESIGN §4; `normalisation`: per_model √d / E‖h^m‖, shared √d / mean_m E‖h^m‖, or none = raw). The sparsity
+terms and the latent analysis (Δnorm, ν) see this space; `encode` takes raw activations and `decode` returns
+raw activations, so every reconstruction is in the units of the cache.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ from crossdiff.io import atomic_path, write_json
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 Kind = Literal["l1", "batchtopk"]
+NORMALISATIONS = ("per_model", "shared", "none")
+# The authors' decoder-norm init (dictionary_learning, jkminder fork): `scripts/train_crosscoder.py` passes
+# --norm-init-scale 0.005 to the L1 `CrossCoder`; `BatchTopKCrossCoder.__init__` defaults norm_init_scale=1.0
+# (both in dictionary.py; the scale is each per-model encoder column's / decoder row's norm, as our init_norm).
+AUTHORS_INIT_NORM = {"l1": 0.005, "batchtopk": 1.0}
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
@@ -35,6 +41,7 @@ class CrossCoderConfig:
     kind: Kind
     k: int | None = None             # BatchTopK: mean active latents per token (eq. 6)
     init_norm: float = 0.1           # encoder column norm at init (A.12), see CrossCoder.reset_parameters
+    normalisation: str = "per_model" # the space of the parameters (and of Δnorm, ν): see scale_from_norms
     extra: dict = field(default_factory=dict)  # free-form provenance (training params, cache attrs)
 
     def __post_init__(self):
@@ -44,6 +51,8 @@ class CrossCoderConfig:
             raise ValueError(f"d_model and dict_size must be positive, got {self.d_model}, {self.dict_size}")
         if self.kind == "batchtopk" and not (self.k and 1 <= self.k <= self.dict_size):
             raise ValueError(f"batchtopk needs 1 <= k <= dict_size, got k={self.k}, dict_size={self.dict_size}")
+        if self.normalisation not in NORMALISATIONS:
+            raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {self.normalisation!r}")
 
 
 class CrossCoder(nn.Module):
@@ -70,11 +79,12 @@ class CrossCoder(nn.Module):
     def reset_parameters(self) -> None:
         """A.12: decoder = encoder transpose, base and chat halves identical.
 
-        Every per-model encoder column e_j^m gets norm `init_norm` (0.1, the value Anthropic's crosscoder
-        update and the authors' dictionary_learning use). With normalised inputs (‖h^m‖ ≈ √d) a random
-        column gives pre-activations of std ≈ init_norm·√2, and the initial reconstruction W_decᵀW_enc h
-        has norm ≈ (D/2)·init_norm²/d·‖h‖ ≈ 0.1‖h‖ at expansion 16-32: small against h, so early gradients
-        are dominated by the data rather than by a random reconstruction that grows with D.
+        Every per-model encoder column e_j^m gets norm `init_norm`. Our default 0.1 is our own choice, not
+        the authors' (they use 0.005 for L1 and 1.0 for BatchTopK: AUTHORS_INIT_NORM, `init: authors`).
+        With per-model inputs (‖h^m‖ ≈ √d) a random column gives pre-activations of std ≈ init_norm·√2, and
+        the initial dense reconstruction W_decᵀW_enc h has norm ≈ (D/2)·init_norm²/d·‖h‖ ≈ 0.1‖h‖ at
+        expansion 16-32: small against h, so early gradients are dominated by the data rather than by a
+        random reconstruction that grows with D.
         """
         d, D = self.cfg.d_model, self.cfg.dict_size
         w = torch.randn(d, D)
@@ -163,12 +173,45 @@ class CrossCoder(nn.Module):
         return model.to(device)
 
 
-def scale_from_norms(d_model: int, norm_base: float, norm_chat: float) -> Tensor:
-    """Per-model normalisation √d / E‖h‖ (DESIGN §4) from the cache's mean norms."""
+def scale_from_norms(d_model: int, norm_base: float, norm_chat: float, mode: str = "per_model") -> Tensor:
+    """(base, chat) input scales (DESIGN §4) from the cache's mean norms E‖h^m‖.
+
+    per_model: √d / E‖h^m‖, each model's mean norm becomes √d. Δnorm and ν then see both models at equal
+      mean norm: ν equals the raw-space ν times r = E‖h_chat‖ / E‖h_base‖ (β^base and β^chat scale by s_m).
+    shared: one scalar √d / ½(E‖h_base‖ + E‖h_chat‖) for both, so ratios between the models (Δnorm, ν) are
+      the raw ones. The authors' later trainer (dictionary_learning `NormalizableMixin`) also uses one scalar,
+      target_rms / √(Σ Var) over both models after centring; we keep √d so μ and lr keep their meaning.
+    none: raw activations (the paper's runs).
+    """
     for name, v in (("norm_base", norm_base), ("norm_chat", norm_chat)):
         if not (v > 0 and math.isfinite(v)):
             raise ValueError(f"{name} must be a positive finite mean activation norm, got {v}")
-    return torch.tensor([math.sqrt(d_model) / norm_base, math.sqrt(d_model) / norm_chat], dtype=torch.float32)
+    if mode == "per_model":
+        s = [math.sqrt(d_model) / norm_base, math.sqrt(d_model) / norm_chat]
+    elif mode == "shared":
+        s = [math.sqrt(d_model) / (0.5 * (norm_base + norm_chat))] * 2
+    elif mode == "none":
+        s = [1.0, 1.0]
+    else:
+        raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {mode!r}")
+    return torch.tensor(s, dtype=torch.float32)
+
+
+@torch.no_grad()
+def geometric_median(points: Tensor, max_iter: int = 100, tol: float = 1e-5) -> Tensor:
+    """Per-model geometric median (2, d) of points (N, 2, d): argmin_m Σ_n ‖x_n − m‖, by Weiszfeld iterations
+    from the mean. The authors start the BatchTopK decoder bias here on the first (normalised) batch
+    (dictionary_learning trainers/crosscoder.py, `BatchTopKCrossCoderTrainer.update` / `.geometric_median`)."""
+    x = points.double()
+    guess = x.mean(0)
+    for _ in range(max_iter):
+        w = 1 / (x - guess).norm(dim=-1).clamp_min(1e-12)              # (N, 2): Weiszfeld weights 1/‖x_n − m‖
+        new = (w[..., None] * x).sum(0) / w.sum(0)[:, None]
+        done = bool(((new - guess).norm(dim=-1) < tol).all())
+        guess = new
+        if done:
+            break
+    return guess.to(points.dtype)
 
 
 # -- sparse training primitives (DESIGN §7) ------------------------------------------------------

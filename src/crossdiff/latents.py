@@ -2,11 +2,13 @@
 cosine, activation frequency, template share, max activation, and Latent Scaling (scaling.py) for every
 latent; the summary numbers of the paper's §3 / A.13; the cross-variant comparison of Fig. 8.
 
-Decoder quantities are in the crosscoder's normalised space (what the sparsity terms and Δnorm see).
+Decoder quantities (Δnorm, ν) are in the crosscoder's training space, its `normalisation` (what the sparsity
+terms see); `normalisation_space` says which, for metrics.json and the report.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from crossdiff.cache import ActivationCache
-from crossdiff.crosscoder import CrossCoder
+from crossdiff.crosscoder import CONFIG, WEIGHTS, CrossCoder
 from crossdiff.scaling import ScalingStats, latent_scaling
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,30 @@ def decoder_cosine(W_dec: Tensor) -> np.ndarray:
     dot = (W[0] * W[1]).sum(-1)
     den = norms[0] * norms[1]
     return torch.where(den > 0, dot / den.clamp_min(1e-300), torch.full_like(dot, float("nan"))).numpy()
+
+
+SPACES = {  # what Δnorm (eq. 4) and ν (eq. 5) mean in each training space (crosscoder.scale_from_norms)
+    "per_model": "each model scaled to mean norm √d: Δnorm compares norms relative to each model's scale, "
+                 "ν = r · ν_raw (r = E‖h_chat‖ / E‖h_base‖)",
+    "shared": "one scale for both models: Δnorm and ν equal their raw-activation values",
+    "none": "raw activations (as the paper): Δnorm and ν are raw-space values",
+}
+
+
+def normalisation_space(crosscoder_dir: str | Path) -> dict:
+    """The space Δnorm and ν of this crosscoder are in: its training normalisation, the scales s (base, chat),
+    r from the cache it was trained on, and ν_raw / ν = s_chat / s_base (β^m scales with s_m, eq. 30)."""
+    from safetensors import safe_open
+
+    crosscoder_dir = Path(crosscoder_dir)
+    cfg = json.loads((crosscoder_dir / CONFIG).read_text())
+    with safe_open(str(crosscoder_dir / WEIGHTS), "pt") as f:
+        sb, sc = (float(v) for v in f.get_tensor("scale"))
+    mode = cfg.get("normalisation", "per_model")      # checkpoints before the option were all per_model
+    cache = cfg.get("extra", {}).get("cache", {})
+    nb, nc = cache.get("norm_base"), cache.get("norm_chat")
+    return {"normalisation": mode, "scale": [sb, sc], "norm_ratio": nc / nb if nb and nc else None,
+            "nu_to_raw": sc / sb, "meaning": SPACES[mode]}
 
 
 # ------------------------------------------------------------------------- activation statistics

@@ -30,11 +30,14 @@ from crossdiff import health
 from crossdiff.calibrate import MuController, auto_lr
 from crossdiff.cli import resolve_device
 from crossdiff.crosscoder import (
+    AUTHORS_INIT_NORM,
+    NORMALISATIONS,
     CrossCoder,
     CrossCoderConfig,
     Selection,
     batchtopk_select,
     batchtopk_v,
+    geometric_median,
     scale_from_norms,
     selected_acts,
     sparse_decode,
@@ -56,13 +59,17 @@ class TrainConfig:
     mu_warmup: float = 0.05
     k: int | None = None           # eq. 6
     k_anneal: float = 0.0          # fraction of steps annealing k linearly from expansion*k (capped at D) to k
-    k_aux: int = 256
+    k_aux: int | None = None       # dead latents in the aux loss; None: 256 (crossdiff), d_model // 2 (authors)
     aux_alpha: float = 1 / 32      # eq. 9
+    aux_loss: str = "crossdiff"    # crossdiff: 2·½Σ_m‖ε^m − ε̂^m‖ (A.1); authors: ‖ε − ε̂‖² / Σ Var(ε), concatenated
     dead_tokens: int = 10_000_000
     theta_momentum: float = 0.999  # eq. 11 EMA
     theta_start: float = 0.0       # fraction of steps before θ starts being estimated
     recon: str = "norm"            # "norm": ‖ε‖₂ as in eq. 3/9 and the authors' code; "squared": ‖ε‖₂²
-    init_norm: float = 0.1
+    init: str = "crossdiff"        # crossdiff: init_norm 0.1; authors: 0.005 (L1) / 1.0 (BatchTopK), BatchTopK
+                                   #   b_dec at the first batch's geometric median
+    init_norm: float | None = None # explicit per-model encoder column norm at init (overrides `init`'s value)
+    normalisation: str = "per_model"  # per_model | shared | none: the input scales (crosscoder.scale_from_norms)
     lr: float | str = 1e-4         # "auto": 2e-4 / sqrt(D / 2^14) (crossdiff.calibrate.auto_lr)
     lr_warmup: float = 0.01
     lr_decay: float = 0.2
@@ -89,8 +96,10 @@ class TrainConfig:
             raise ValueError(f"crosscoder type must be l1 or batchtopk, got {cfg.type!r}")
         if cfg.type == "batchtopk" and not cfg.k:
             raise ValueError("batchtopk needs k")
-        if cfg.recon not in ("norm", "squared"):
-            raise ValueError(f"recon must be 'norm' or 'squared', got {cfg.recon!r}")
+        for key, allowed in (("recon", ("norm", "squared")), ("normalisation", NORMALISATIONS),
+                             ("init", ("crossdiff", "authors")), ("aux_loss", ("crossdiff", "authors"))):
+            if getattr(cfg, key) not in allowed:
+                raise ValueError(f"crosscoder {key} must be one of {list(allowed)}, got {getattr(cfg, key)!r}")
         if cfg.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {cfg.dtype!r}")
         for key in ("mu", "lr"):
@@ -101,6 +110,19 @@ class TrainConfig:
             raise ValueError("mu: auto needs target_l0 (the L0 to calibrate mu toward)")
         health.thresholds(cfg.health)                                    # unknown health keys fail here
         return cfg
+
+    def resolved_init_norm(self) -> float:
+        """init_norm if set, else the value of `init` (ours 0.1; the authors' per kind, AUTHORS_INIT_NORM)."""
+        if self.init_norm is not None:
+            return float(self.init_norm)
+        return AUTHORS_INIT_NORM[self.type] if self.init == "authors" else 0.1
+
+    def resolved_k_aux(self, d_model: int) -> int:
+        """k_aux if set, else 256 (ours) or d_model // 2 (the authors' `top_k_aux = activation_dim // 2`,
+        dictionary_learning trainers/crosscoder.py `BatchTopKCrossCoderTrainer.__init__`)."""
+        if self.k_aux is not None:
+            return int(self.k_aux)
+        return max(1, d_model // 2) if self.aux_loss == "authors" else 256
 
 
 # -- schedules -----------------------------------------------------------------------------------
@@ -211,13 +233,26 @@ def _batchtopk_sparse(cc, x, v, w, k, tokens_since_fired, cfg, static) -> dict:
         dead = tokens_since_fired >= cfg.dead_tokens
     aux = torch.zeros((), device=x.device)
     if static or bool(dead.any()):
-        asel, mask = aux_selection(v, dead, cfg.k_aux, static)
+        asel, mask = aux_selection(v, dead, cfg.resolved_k_aux(x.shape[-1]), static)
         avals = selected_acts(cc, x, v, asel, mask, w=w)
         eps_hat = sparse_decode(cc, avals, asel)                         # reconstruction from dead latents only
-        aux = 2 * recon_per_token(eps.detach() - eps_hat, cfg.recon).mean()  # A.1: Σ_m ‖ε^m − ε̂^m‖
+        if cfg.aux_loss == "authors":
+            aux = authors_aux_loss(eps.detach(), eps_hat)
+        else:
+            aux = 2 * recon_per_token(eps.detach() - eps_hat, cfg.recon).mean()  # A.1: Σ_m ‖ε^m − ε̂^m‖
         aux = aux * dead.any()                                           # no dead latents: no aux term
     return dict(loss=rec + cfg.aux_alpha * aux, recon=rec, aux=aux, eps=eps.detach(), min_v=min_v,
                 l0=active.sum().float() / n, fired=fired, dead=dead.float().mean(), k_used=sel.flat.numel() / n)
+
+
+def authors_aux_loss(eps: Tensor, eps_hat: Tensor) -> Tensor:
+    """The authors' aux term: mean_n ‖ε_n − ε̂_n‖² over the concatenated (base ‖ chat) residual, divided by its
+    variance mean_n ‖ε_n − ε̄‖² (dictionary_learning trainers/crosscoder.py,
+    `BatchTopKCrossCoderTrainer.get_auxiliary_loss`, after OpenAI's sparse_autoencoder). 0 when ε is constant."""
+    n = eps.shape[0]
+    num = (eps - eps_hat).reshape(n, -1).pow(2).sum(-1).mean()
+    den = (eps - eps.mean(0)).reshape(n, -1).pow(2).sum(-1).mean()
+    return torch.nan_to_num(num / den, nan=0.0, posinf=0.0)
 
 
 @torch.no_grad()
@@ -299,17 +334,17 @@ def latest_checkpoint(ckdir: Path | None) -> Path | None:
 
 
 # -- trainer --------------------------------------------------------------------------------------
-def _scale(cache, d_model: int) -> Tensor:
-    """√d / E‖h‖ per model from the cache attrs; estimated from up to 100k rows if a file lacks them."""
+def mean_norms(cache) -> tuple[float, float]:
+    """(E‖h_base‖, E‖h_chat‖) from the cache attrs; estimated from up to 100k rows if a file lacks them."""
     a = cache.attrs
     if "norm_base" in a and "norm_chat" in a:
-        return scale_from_norms(d_model, float(a["norm_base"]), float(a["norm_chat"]))
+        return float(a["norm_base"]), float(a["norm_chat"])
     log.warning("cache has no norm_base/norm_chat attrs; estimating E‖h‖ from up to 100k rows")
     tot, n = torch.zeros(2, dtype=torch.float64), 0
     for b in cache.iter_sequential(8192, fields=("acts",), limit=100_000):
         tot += b["acts"].double().norm(dim=-1).sum(0)
         n += b["acts"].shape[0]
-    return scale_from_norms(d_model, float(tot[0] / n), float(tot[1] / n))
+    return float(tot[0] / n), float(tot[1] / n)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -353,9 +388,12 @@ def train(train_path: str | Path, val_path: str | Path | None, out: str | Path, 
                     int(cfg.mu_calibrate * total))
 
     torch.manual_seed(cfg.seed)
-    cc = CrossCoder(CrossCoderConfig(d, D, cfg.type, k=cfg.k, init_norm=cfg.init_norm,
+    norms = mean_norms(cache)
+    cc = CrossCoder(CrossCoderConfig(d, D, cfg.type, k=cfg.k, init_norm=cfg.resolved_init_norm(),
+                                     normalisation=cfg.normalisation,
                                      extra={"train": dataclasses.asdict(cfg), "cache": _plain(cache.attrs)}),
-                    scale=_scale(cache, d)).to(dev)
+                    scale=scale_from_norms(d, *norms, cfg.normalisation)).to(dev)
+    median_init = cfg.init == "authors" and cfg.type == "batchtopk"    # b_dec from the first batch (step 0)
     opt = torch.optim.Adam(cc.parameters(), lr=lr, betas=(0.9, 0.999))
     tsf = torch.zeros(D, dtype=torch.long, device=dev)                  # tokens since each latent fired
     early = torch.zeros(3, dtype=torch.float64, device=dev)             # first steps: count, Σ recon, Σ sparsity
@@ -392,6 +430,9 @@ def train(train_path: str | Path, val_path: str | Path | None, out: str | Path, 
             if h.shape[0] != cfg.batch_size:
                 break
             x = cc.normalize(h.to(dev, torch.float32))
+            if median_init and step == 0:
+                with torch.no_grad():
+                    cc.b_dec.copy_(geometric_median(x))
             for g in opt.param_groups:
                 g["lr"] = lr * lr_factor(step, total, cfg.lr_warmup, cfg.lr_decay)
             if cfg.type == "l1":
@@ -448,12 +489,16 @@ def train(train_path: str | Path, val_path: str | Path | None, out: str | Path, 
     elapsed = time.perf_counter() - t0
     mu = float(ctl.mu()) if ctl else (float(cfg.mu) if cfg.type == "l1" else None)
     cc.cfg.extra["train"].update(lr=lr, mu=mu if mu is not None else cfg.mu,  # config.json: the values used
+                                 init_norm=cc.cfg.init_norm, k_aux=cfg.resolved_k_aux(d),
                                  auto=[k for k in ("lr", "mu") if getattr(cfg, k) == "auto"])
     cc.save(out)
     last = history[-1] if history else {}
     n0, rec0, sp0 = early.tolist()
     metrics = {"train": last.get("train"), "val": last.get("val"), "steps": total, "tokens": total * cfg.batch_size,
                "dict_size": D, "kind": cfg.type, "k": cfg.k, "mu": mu, "lr": lr,
+               "normalisation": cfg.normalisation, "scale": cc.scale.tolist(), "norm_ratio": norms[1] / norms[0],
+               "init": cfg.init, "init_norm": cc.cfg.init_norm, "aux_loss": cfg.aux_loss,
+               "k_aux": cfg.resolved_k_aux(d) if cfg.type == "batchtopk" else None,
                "target_l0": cfg.k if cfg.type == "batchtopk" else cfg.target_l0,
                "threshold": float(cc.threshold), "tokens_per_s": (step - start) * cfg.batch_size / max(elapsed, 1e-9),
                "loss_trend": {"early": objective({"recon": rec0 / n0, "sparsity": sp0 / n0}, cfg.type, mu or 0.0),

@@ -120,6 +120,8 @@ def render_report(run: Run, out_dir: str | os.PathLike, max_latents: int, exampl
         template=[tables.template_stats(v.latents) for v in run.variants],
         analysis_rows=tables.side_by_side({v.name: v.analysis for v in run.variants}),
         analysis_figures=_figure_grid({v.name: v.analysis_figures for v in run.variants}),
+        spaces=[{"variant": v.name, **v.analysis["space"]} for v in run.variants
+                if v.analysis and v.analysis.get("space")],
         kl_tables=tables.kl_tables(run.variants, params.get("causal", {}).get("first_tokens")),
         causal_rows=tables.side_by_side({v.name: v.causal for v in run.variants}),
         causal_pools=tables.causal_pools(run.variants),
