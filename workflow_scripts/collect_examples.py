@@ -1,13 +1,13 @@
 """Collect each selected latent's activating windows (by tercile) and its similar/random negatives.
 
 With --behaviours (the embedded pair's planted behaviours, from validate_behaviours), the latents that
-best detect a behaviour (AUROC >= autointerp.behaviour_auroc) are collected too, so that their
-explanations can be checked against that behaviour.
+best detect a behaviour (AUROC >= autointerp.behaviour_auroc; at most autointerp.max_behaviour_latents,
+spread over behaviours) are collected too, so that their explanations can be checked against that behaviour.
 """
 
 from crossdiff import cli, io
 from crossdiff.autointerp.examples import collect_examples
-from crossdiff.autointerp.ground_truth import behaviour_latents
+from crossdiff.autointerp.ground_truth import behaviour_latents, pick_behaviour_latents
 
 
 def main(argv=None) -> None:
@@ -27,7 +27,8 @@ def main(argv=None) -> None:
         variants = io.read_json(args.behaviours).get("variants", {})
         if args.variant not in variants:
             raise SystemExit(f"--variant {args.variant!r} is not in {args.behaviours} (has {sorted(variants)})")
-        extra = sorted(behaviour_latents(variants[args.variant], ai["behaviour_auroc"]))
+        truth = behaviour_latents(variants[args.variant], ai["behaviour_auroc"])
+        extra = pick_behaviour_latents(truth, ai["max_behaviour_latents"])
     examples = collect_examples(args.crosscoder, args.latents, args.val, args.tokenizer, ai,
                                 device=cli.resolve_device(args.device or params.get("device", "auto")), behaviour_latents=extra)
     io.write_parquet(args.out, examples)

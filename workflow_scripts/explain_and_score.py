@@ -1,7 +1,8 @@
 """Explain each latent with an LLM and detection-score the explanations (paper A.10).
 
 With `autointerp.endpoint.base_url` empty, a local OpenAI-compatible server (`transformers serve`)
-of `endpoint.model`, or else of --serve-model, runs for the duration of this script. With
+of `endpoint.model` (a local dir), or else of --serve-model (the exported `package:NAME`, or the chat
+model), runs for the duration of this script. With
 --behaviours (the embedded pair's planted behaviours, from validate_behaviours), metrics.json also
 says how often an explanation names the behaviour its latent detects (`ground_truth`).
 """
@@ -25,7 +26,8 @@ log = logging.getLogger("explain_and_score")
 def main(argv=None) -> None:
     p = cli.parser(__doc__)
     p.add_argument("--examples", required=True, help="examples.parquet from collect_examples")
-    p.add_argument("--serve-model", default=None, help="local model dir to serve when no endpoint is set")
+    p.add_argument("--serve-model", default=None,
+                   help="local model dir to serve when no endpoint is set (the exported package:NAME, or the chat model)")
     p.add_argument("--cache", required=True, help="LLM response cache dir (shared across runs; makes reruns resume)")
     p.add_argument("--out", required=True, help="dir for explanations.jsonl, scores.parquet, metrics.json")
     p.add_argument("--behaviours", default=None, help="behaviours.json of the pair (planted behaviours), optional")

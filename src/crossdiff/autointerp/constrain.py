@@ -9,7 +9,8 @@ Three modes, chosen by `autointerp.constrain`:
 - `logit_bias`: what transformers serve does honour. The scorer may only emit the tokens "0" and
   "1" (`logit_bias` +100 on them, so no other token, end-of-sequence included, can win) for exactly
   `max_tokens = n` tokens: n labels, always parseable. The explainer's answer is one line (`stop` at
-  the first newline). Needs the served model's tokenizer, so only for a server we start ourselves.
+  the first newline, at most 64 tokens). Needs the served model's tokenizer, so only for a server we
+  start ourselves.
 - `none`: prompts and robust parsing only (any endpoint).
 
 `auto` is `logit_bias` on the local server and `json_schema` on a configured endpoint.
@@ -22,6 +23,9 @@ from dataclasses import dataclass, field
 MODES = ("auto", "json_schema", "logit_bias", "none")
 LABELS = ("0", "1")
 BIAS = 100.0  # the OpenAI API's maximum; a float, since transformers serve rejects integer biases
+# The one-line explanation needs no more: the parser keeps 300 characters (~70 tokens). A small model
+# that loops on one line would otherwise decode all of `autointerp.max_tokens` (~40 ms a token on 2 cores).
+ONE_LINE_MAX_TOKENS = 64
 
 
 def resolve(mode: str, local_server: bool) -> str:
@@ -88,11 +92,12 @@ class Constraint:
         """How the prompts ask for the answer: `json`, `line`/`digits` (logit_bias) or `tag`/`list`."""
         return {"json_schema": "json", "logit_bias": "constrained", "none": "free"}[self.mode]
 
-    def explain_extras(self) -> dict:
+    def explain_extras(self, max_tokens: int | None = None) -> dict:
         if self.mode == "json_schema":
             return {"response_format": _response_format("explanation", explanation_schema())}
-        if self.mode == "logit_bias":
-            return {"stop": ["\n"]}  # the answer is the one line the prompt asks for
+        if self.mode == "logit_bias":  # the answer is the one line the prompt asks for
+            cap = {"max_tokens": min(max_tokens, ONE_LINE_MAX_TOKENS)} if max_tokens else {}
+            return {"stop": ["\n"], **cap}
         return {}
 
     def score_extras(self, n: int) -> dict:
@@ -107,7 +112,7 @@ class Constraint:
         """What metrics.json records about the constraint of each stage."""
         return {"mode": self.mode,
                 "explain": {"json_schema": "response_format json_schema {reasoning, explanation}",
-                            "logit_bias": "one line: stop at the first newline",
+                            "logit_bias": f"one line: stop at the first newline, at most {ONE_LINE_MAX_TOKENS} tokens",
                             "none": "prompt only ([EXPLANATION]: tag)"}[self.mode],
                 "score": {"json_schema": "response_format json_schema {labels: n x 0/1}",
                           "logit_bias": "logit_bias: only the tokens 0/1, max_tokens = n",

@@ -42,6 +42,19 @@ def behaviour_latents(per_behaviour: dict, min_auroc: float) -> dict[int, tuple[
     return out
 
 
+def pick_behaviour_latents(truth: dict[int, tuple[str, float]], n: int | None) -> list[int]:
+    """At most `n` (None: all) of the latents in `truth`, spread over behaviours: each behaviour's best latent
+    first (highest AUROC, then lowest id), then the rest in that order, so a capped run checks as many
+    different behaviours as it can."""
+    ranked = sorted(truth, key=lambda lat: (-truth[lat][1], lat))
+    seen: set[str] = set()
+    first, rest = [], []
+    for lat in ranked:
+        (rest if truth[lat][0] in seen else first).append(lat)
+        seen.add(truth[lat][0])
+    return sorted((first + rest)[:n] if n is not None else ranked)
+
+
 def match_behaviours(texts: Sequence[str], descriptions: dict[str, str],
                      embed: Callable[[Sequence[str]], np.ndarray] = negatives.embed) -> list[tuple[str, float]]:
     """For each text, the behaviour whose description is most cosine-similar (MiniLM), and that similarity."""

@@ -1,7 +1,8 @@
 """The `explain_and_score` stage: explain each latent from its explain split, then detection-score it.
 
 The endpoint is `autointerp.endpoint` when `base_url` is set; otherwise a local `transformers serve`
-of `endpoint.model` (or, when that is empty too, of the pair's chat model) runs for the duration.
+runs for the duration, of `endpoint.model`: a local dir, `package:NAME` (a packaged instruct LLM, the
+default: SmolLM2-135M-Instruct) or empty (the pair's chat model).
 """
 
 from __future__ import annotations
@@ -38,13 +39,24 @@ def open_endpoint(params: dict, cache_dir: str | os.PathLike, serve_model: str |
             log.warning("$%s is not set: calling %s without an API key", ep["api_key_env"], ep["base_url"])
         yield LLMClient(ep["base_url"], ep["model"], api_key=key, **kw)
         return
-    model = ep["model"] or serve_model
-    if not model:
-        raise ValueError("autointerp.endpoint: base_url and model are empty and no model to serve was given")
+    model = served_model(ep["model"], serve_model)
     with server.serve(model, dtype=dtype, device=device, log_path=Path(cache_dir) / "server.log") as srv:
         client = LLMClient(srv.base_url, srv.model, **kw)
         client.server = srv  # the local server behind this client (for its request count and log)
         yield client
+
+
+def served_model(model: str, serve_model: str | None) -> str:
+    """What the local server runs: `endpoint.model`, or `serve_model` when that is empty (the pair's chat
+    model) or `package:NAME` (a packaged instruct LLM, which the rule exports and passes as `serve_model`)."""
+    if model.startswith("package:"):
+        if not serve_model:
+            raise ValueError(f"autointerp.endpoint.model {model!r}: pass its exported folder as the model to serve "
+                             f"(the export_packaged_model rule writes results/models/packaged/{model[8:]})")
+        return serve_model
+    if not (model or serve_model):
+        raise ValueError("autointerp.endpoint: base_url and model are empty and no model to serve was given")
+    return model or serve_model
 
 
 def _rng(seed: int, latent: int) -> np.random.Generator:
@@ -68,7 +80,7 @@ def explain(client: LLMClient, examples: pl.DataFrame, seed: int, constraint: Co
         why = ex["why"][0] if "why" in ex.columns else None  # nu / control / behaviour (examples.select_latents)
         records.append({"latent": latent, "klass": ex["klass"][0], "why": why, "prompt_hash": prompts.prompt_hash(messages)})
         requests.append(messages)
-    extras = [constraint.explain_extras()] * len(requests)
+    extras = [constraint.explain_extras(client.max_tokens)] * len(requests)
     for rec, response in zip(records, client.complete_many(requests, "explain", on_result, extras)):
         rec["explanation"] = prompts.parse_explanation(response, one_line=constraint.style == "constrained")
         rec["parsed"] = rec["explanation"] is not None

@@ -32,12 +32,22 @@ the tokens themselves. The excerpts span the whole range of activation strengths
 
 What do the marked tokens have in common? {answer}"""
 
+# The one-line (`constrained`) style is for small local models (the default explainer SmolLM2-135M):
+# a short prompt whose question names what to describe. The long prompt's list of kinds of feature is
+# copied verbatim by such models as their "explanation" (measured), and costs prompt tokens on every call.
+EXPLAINER_SHORT = """Below are excerpts of chats between a user and an assistant, and of web text. One hidden \
+feature of a language model fires on the tokens marked {open}like this{close}.
+
+{examples}
+
+What kind of text, topic or assistant behaviour do these excerpts have in common? {answer}"""
+
 # How the explainer is asked to answer, per answer style (see constrain.Constraint.style). The question
 # comes last, after the examples, and lists no kinds of answer: small models copy such a list verbatim.
 EXPLAINER_ANSWER = {
     "free": "You may reason briefly first. End your reply with one line of the form\n"
             "{tag} <a concise description of what the feature detects, at most one sentence>",
-    "constrained": "Answer in one short sentence about these excerpts, with no preamble.",
+    "constrained": "Answer in one short sentence.",
     "json": 'You may reason briefly first. Reply with a JSON object {{"reasoning": "<your brief reasoning>", '
             '"explanation": "<a concise description of what the feature detects, at most one sentence>"}}.',
 }
@@ -99,7 +109,8 @@ def explainer_messages(examples: Sequence[tuple[Sequence[str], Sequence[float]]]
         raise ValueError("the explainer needs at least one activating example")
     body = numbered([format_tokens(tokens, acts) for tokens, acts in examples])
     answer = EXPLAINER_ANSWER[_style(style)].format(tag=EXPLANATION_TAG)
-    content = EXPLAINER.format(open=OPEN, close=CLOSE, examples=body, answer=answer)
+    template = EXPLAINER_SHORT if style == "constrained" else EXPLAINER
+    content = template.format(open=OPEN, close=CLOSE, examples=body, answer=answer)
     return [{"role": "user", "content": content}]
 
 
