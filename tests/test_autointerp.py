@@ -495,32 +495,18 @@ def test_explain_and_score_resumes_from_cache_after_server_killed(tmp_path, tiny
 def test_client_retries_429_and_5xx_then_fails_naming_the_endpoint(tmp_path):
     """A loopback HTTP endpoint answering with scripted statuses: 503 and 429 are retried (then the
     answer is cached), a 400 is not retried, and a server that stays down is named in the error."""
-    import http.server
-    import threading
 
     script = [503, 429, 200, 400]
     seen = []
     body = {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
             "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "[1]"}}]}
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            status = script[len(seen)]
-            seen.append(status)
-            data = json.dumps(body if status == 200 else {"error": {"message": "scripted"}}).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def respond(_body):
+        status = script[len(seen)]
+        seen.append(status)
+        return status, body if status == 200 else {"error": {"message": "scripted"}}
 
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    httpd, url, _ = _loopback(respond)
     try:
         client = LLMClient(url, "m", tmp_path, retries=2, backoff_s=0.01, timeout_s=5)
         msgs = [{"role": "user", "content": "hi"}]
@@ -536,8 +522,8 @@ def test_client_retries_429_and_5xx_then_fails_naming_the_endpoint(tmp_path):
         LLMClient(url, "m", tmp_path / "c2", retries=1, backoff_s=0.01, timeout_s=2).complete(msgs)
 
 
-def _loopback_endpoint(answer):
-    """A loopback OpenAI-compatible endpoint answering each request body with `answer(body)`."""
+def _loopback(respond):
+    """A loopback HTTP endpoint: each POSTed JSON body goes to `respond(body) -> (status, json payload)`."""
     import http.server
     import threading
 
@@ -547,10 +533,9 @@ def _loopback_endpoint(answer):
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             bodies.append(body)
-            data = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                               "choices": [{"index": 0, "finish_reason": "stop",
-                                            "message": {"role": "assistant", "content": answer(body)}}]}).encode()
-            self.send_response(200)
+            status, payload = respond(body)
+            data = json.dumps(payload).encode()
+            self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -562,6 +547,13 @@ def _loopback_endpoint(answer):
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     return httpd, f"http://127.0.0.1:{httpd.server_address[1]}/v1", bodies
+
+
+def _loopback_endpoint(answer):
+    """A loopback OpenAI-compatible endpoint answering each request body with `answer(body)`."""
+    return _loopback(lambda body: (200, {
+        "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": answer(body)}}]}))
 
 
 def test_json_schema_mode_on_an_endpoint_that_enforces_it(tmp_path, examples):
