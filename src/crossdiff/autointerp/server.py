@@ -37,6 +37,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: prctl(PR_SET_PDEATHSIG, SIGTERM). A no-op where prctl does not exist."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 class LocalServer:
     """A running `transformers serve` process: `base_url` for the client, `model` for its requests."""
 
@@ -55,9 +63,10 @@ class LocalServer:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         self._log = open(self.log_path, "ab")
         log.info("starting %s", " ".join(cmd))
-        # Own process group, so stop() reaches any worker the server forks.
+        # Own process group, so stop() reaches any worker the server forks; and on Linux the kernel sends it
+        # SIGTERM when this process dies without running `stop` (SIGKILL, a timeout), so no server is orphaned.
         self.process = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=_die_with_parent)
 
     def wait_healthy(self, timeout_s: float = 300.0) -> None:
         """Poll GET /health until it answers 200; fail early if the process exits."""
