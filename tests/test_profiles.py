@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,4 +32,5 @@ def test_slurm_profile_shards_activation_caching(tmp_path):
 def test_kubernetes_profile_accepts_the_workflow(tmp_path):
     out = dry_run("--profile", "profiles/kubernetes", "--default-storage-provider", "fs",
                   "--default-storage-prefix", str(tmp_path / "shared"), "--forceall")
-    assert job_count(out, "train_crosscoder") == 2
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert job_count(out, "train_crosscoder") == len(params["crosscoders"]) * params["seeds"]  # every variant x seed
