@@ -20,7 +20,7 @@ def main(argv=None) -> None:
     ap = params["analysis"]
     out = Path(args.out)
     t0 = time.perf_counter()
-    device = cli.resolve_device(args.device or params.get("device", "auto"))
+    device = cli.resolve_device(cli.device_name(args, params))
     table = analyse(args.crosscoder, args.train, args.val, ap, device=device)
     metrics = {**summarise(table, ap), "space": normalisation_space(args.crosscoder),  # which space Δnorm, ν are in
                "cache": {"train": summary(args.train), "val": summary(args.val)},

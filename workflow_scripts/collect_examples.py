@@ -30,7 +30,7 @@ def main(argv=None) -> None:
         truth = behaviour_latents(variants[args.variant], ai["behaviour_auroc"])
         extra = pick_behaviour_latents(truth, ai["max_behaviour_latents"])
     examples = collect_examples(args.crosscoder, args.latents, args.val, args.tokenizer, ai,
-                                device=cli.resolve_device(args.device or params.get("device", "auto")), behaviour_latents=extra)
+                                device=cli.resolve_device(cli.device_name(args, params)), behaviour_latents=extra)
     io.write_parquet(args.out, examples)
 
 

@@ -23,7 +23,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"variant {variant!r} not in params crosscoders: {sorted(entries)}")
     try:
         train(args.train, args.val, args.out, entries[variant], seed=params.get("seed", 0) if seed is None else seed,
-              checkpoints=args.checkpoints, device=args.device or params.get("device", "auto"))
+              checkpoints=args.checkpoints, device=cli.device_name(args, params))
     except HealthError as e:
         raise SystemExit(str(e)) from None
 

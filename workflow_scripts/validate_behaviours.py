@@ -20,7 +20,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default=None, help="overrides params `device` (auto | cpu | cuda[:N])")
     args, params = cli.parse(p, argv)
     run_behaviours(params, args.variants, args.crosscoders, args.analysis, args.val, args.corpus, args.out,
-                   device=args.device or params.get("device", "auto"))
+                   device=cli.device_name(args, params))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ def main(argv=None) -> None:
     p.add_argument("--variants", nargs="*", default=None, help="subset of `crosscoders:` (default: all)")
     p.add_argument("--device", default=None, help="overrides params `device` (auto | cpu | cuda[:N])")
     args, params = cli.parse(p, argv)
-    device = args.device or params.get("device", "auto")
+    device = cli.device_name(args, params)
     if args.work:
         run_validation(params, args.out, args.work, device, args.variants)
         return

@@ -34,6 +34,11 @@ def setup_logging(level: int = logging.INFO) -> None:
     )
 
 
+def device_name(args, params: dict) -> str:
+    """A script's `--device` when given, else params `device` (the rule's slice decides; see config.Runtime)."""
+    return getattr(args, "device", None) or params.get("device", "auto")
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
