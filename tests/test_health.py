@@ -15,6 +15,7 @@ from helpers import script
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
 TOL = 0.25  # μ calibration: final val L0 within ±25% of target_l0
+FVE_TOL = 0.05  # μ calibration toward target_fve: final val FVE within ±0.05
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -133,6 +134,19 @@ def test_mu_auto_reaches_target_l0(planted, tmp_path):
     assert cfg["mu"] == m["mu"] and cfg["lr"] == m["lr"] and cfg["auto"] == ["lr", "mu"]
 
 
+def test_mu_auto_reaches_target_fve(planted, tmp_path):
+    """The same controller on 1 / (1 − FVE): a run aimed at an FVE ends there, whatever L0 that takes.
+    3000 steps: from μ = 0.01 the ramp (≤ 0.3% per step) needs ~2000 to reach this set's μ ≈ 0.3."""
+    tr, va = planted
+    runs = {t: train(tr, va, tmp_path / str(t), dict(L1, mu="auto", target_fve=t, lr="auto", min_steps=3000),
+                     progress=False) for t in (0.8, 0.95)}
+    for target, m in runs.items():
+        assert abs(m["val"]["fve"] - target) <= FVE_TOL, (target, m["val"])
+        assert m["target_fve"] == target and m["target_l0"] is None and m["health"] == "pass", m["health_reasons"]
+    low, high = runs[0.8], runs[0.95]
+    assert high["mu"] < low["mu"] and high["val"]["l0"] > low["val"]["l0"]      # more FVE costs sparsity
+
+
 def test_mu_controller_moves_toward_target_and_freezes():
     c = MuController(10.0, until=5, device="cpu", init=0.1)
     for step in range(5):
@@ -152,8 +166,15 @@ def test_auto_lr_min_steps_and_bad_values():
     cfg = TrainConfig.from_params(dict(type="l1", mu=0.1, epochs=2, min_steps=1500))
     assert total_steps(cfg, 100) == 1500 and total_steps(cfg, 1000) == 2000
     assert total_steps(TrainConfig.from_params(dict(type="l1", mu=0.1, max_steps=7, min_steps=1500)), 100) == 7
+    per_latent = TrainConfig.from_params(dict(type="l1", mu=0.1, epochs=2, min_steps=10, batch_size=512,
+                                              min_tokens_per_latent=1000))
+    assert total_steps(per_latent, 100, 2048) == 4000 and total_steps(per_latent, 100, 64) == 200
     with pytest.raises(ValueError, match="target_l0"):
         TrainConfig.from_params(dict(type="l1", mu="auto"))
+    with pytest.raises(ValueError, match="one of target_l0"):
+        TrainConfig.from_params(dict(type="l1", mu="auto", target_l0=10, target_fve=0.9))
+    with pytest.raises(ValueError, match="target_fve must lie in"):
+        TrainConfig.from_params(dict(type="l1", mu="auto", target_fve=1.5))
     with pytest.raises(ValueError, match="lr must be a number or 'auto'"):
         TrainConfig.from_params(dict(type="l1", mu=0.1, lr="fast"))
 

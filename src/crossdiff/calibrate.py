@@ -3,7 +3,10 @@
 Why: μ = 0.15 gives L0 ≈ 25 on the toy pair at d = 128 and learns almost nothing on a new d = 64 set
 (issue 17); the right μ depends on d, the activation statistics and the number of true features, none of
 which a user knows in advance. L0 is what a user can state ("about as many active latents as k"), so
-`mu: auto` takes a `target_l0` and finds μ itself.
+`mu: auto` takes a `target_l0` and finds μ itself. Or it takes a `target_fve`: the same controller on
+1 / (1 − FVE), which also falls as μ rises. A target FVE carries across data sets where no single L0
+does: an L1 crosscoder needs several times the true number of active features to reconstruct well
+(shrinkage), and that number is unknown on new data (bench/validate_defaults.py).
 
 Method: a controller during training, not a search. μ is kept in log space and, after each step of the
 first `mu_calibrate` fraction of the run (default: all of it), moved by
@@ -43,13 +46,15 @@ def auto_lr(dict_size: int) -> float:
 
 
 class MuController:
-    """log μ on device, adapted toward target L0 during the first `until` steps, then fixed (see module doc)."""
+    """log μ on device, adapted toward a target during the first `until` steps, then fixed (see module doc).
 
-    def __init__(self, target_l0: float, until: int, device, init: float = MU_INIT, gain: float = MU_GAIN,
+    `target` is in units of the signal `update` receives, a quantity that falls as μ rises: L0 or 1 / FVU."""
+
+    def __init__(self, target: float, until: int, device, init: float = MU_INIT, gain: float = MU_GAIN,
                  lead: float = LEAD):
-        if not target_l0 > 0:
-            raise ValueError(f"target_l0 must be positive for mu: auto, got {target_l0}")
-        self.log_target, self.until, self.gain, self.lead = math.log(target_l0), until, gain, lead
+        if not target > 0:
+            raise ValueError(f"the target of mu: auto must be positive, got {target}")
+        self.log_target, self.until, self.gain, self.lead = math.log(target), until, gain, lead
         # [log μ, fast EMA of log L0, slow EMA of log L0, steps seen]: one tensor, so a checkpoint holds it whole
         self.state = torch.tensor([math.log(init), 0.0, 0.0, 0.0], dtype=torch.float64, device=device)
 
@@ -57,12 +62,12 @@ class MuController:
         return self.state[0].exp().float()
 
     @torch.no_grad()
-    def update(self, step: int, l0: Tensor) -> None:
+    def update(self, step: int, signal: Tensor) -> None:
         """After `step`: move log μ by gain·clamp(predicted log L0 − log target, ±1) while step < until."""
         if step >= self.until:
             return
         s = self.state
-        x = l0.double().clamp_min(0.1).log()
+        x = signal.double().clamp_min(0.1).log()
         first = s[3] == 0
         for i, tau in ((1, FAST), (2, SLOW)):
             s[i] = torch.where(first, x, s[i] + (x - s[i]) / tau)

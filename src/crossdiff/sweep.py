@@ -48,6 +48,7 @@ def point_params(entry: Mapping, sparsity: int, expansion: int, max_steps: int |
     out.update(expansion=int(expansion), **{name: int(sparsity)})
     if name == "target_l0":
         out["mu"] = "auto"
+        out.pop("target_fve", None)                 # the swept L0 is the target now
     if max_steps:
         out["max_steps"] = int(max_steps)
     return out

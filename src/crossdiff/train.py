@@ -5,8 +5,9 @@ the dense encoder matmul runs without autograd, and everything after the selecti
 all backwards) goes through the CSR primitives of `crossdiff.crosscoder`. No host syncs per step except
 logging (on CPU a sync is free, so the NaN check runs every step there).
 
-`lr: auto` and `mu: auto` (+ `target_l0`) resolve with `crossdiff.calibrate`; `min_steps` lengthens runs
-on small caches. Every run ends with the health checks of `crossdiff.health` (written to metrics.json).
+`lr: auto` and `mu: auto` (+ `target_l0` or `target_fve`) resolve with `crossdiff.calibrate`; `min_steps`
+and `min_tokens_per_latent` lengthen runs on small caches and large dictionaries. Every run ends with the
+health checks of `crossdiff.health` (written to metrics.json).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -55,6 +57,7 @@ class TrainConfig:
     dict_size: int | None = None
     mu: float | str = 0.041        # eq. 3; "auto": calibrated toward target_l0 during training (crossdiff.calibrate)
     target_l0: float | None = None # L1: the L0 `mu: auto` aims for; also the L0 health check's target
+    target_fve: float | None = None # L1: or the FVE `mu: auto` aims for (the paper's L1 sits at 0.84, Table 1)
     mu_calibrate: float = 1.0      # mu: auto adapts during this fraction of steps, then stays fixed
     mu_warmup: float = 0.05
     k: int | None = None           # eq. 6
@@ -77,6 +80,7 @@ class TrainConfig:
     epochs: float = 1.0
     max_steps: int | None = None
     min_steps: int = 0             # floor on epochs·steps_per_epoch, so small caches still get enough steps
+    min_tokens_per_latent: float = 0  # and at least this many training tokens per latent (the paper: 200M / 73,728)
     grad_clip: float = 1.0
     val_every: int = 200
     checkpoint_every: int = 500
@@ -106,8 +110,10 @@ class TrainConfig:
             v = getattr(cfg, key)
             if isinstance(v, str) and v != "auto" or not isinstance(v, (str, int, float)):
                 raise ValueError(f"crosscoder {key} must be a number or 'auto', got {v!r}")
-        if cfg.mu == "auto" and cfg.type == "l1" and not cfg.target_l0:
-            raise ValueError("mu: auto needs target_l0 (the L0 to calibrate mu toward)")
+        if cfg.mu == "auto" and cfg.type == "l1" and bool(cfg.target_l0) == bool(cfg.target_fve):
+            raise ValueError("mu: auto needs one of target_l0 (the L0 to calibrate mu toward) or target_fve")
+        if cfg.target_fve is not None and not 0 < cfg.target_fve < 1:
+            raise ValueError(f"target_fve must lie in (0, 1), got {cfg.target_fve}")
         health.thresholds(cfg.health)                                    # unknown health keys fail here
         return cfg
 
@@ -155,15 +161,31 @@ def resolved_lr(cfg: TrainConfig, dict_size: int) -> float:
     return auto_lr(dict_size) if cfg.lr == "auto" else float(cfg.lr)
 
 
-def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
-    """max_steps if set; else epochs·steps_per_epoch, at least min_steps (more epochs on a small cache)."""
-    return cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch), cfg.min_steps)
+def total_steps(cfg: TrainConfig, steps_per_epoch: int, dict_size: int = 0) -> int:
+    """max_steps if set; else epochs·steps_per_epoch, at least min_steps and min_tokens_per_latent·D tokens
+    (more epochs on a small cache; a larger dictionary needs more tokens before every latent has learned)."""
+    per_latent = math.ceil(cfg.min_tokens_per_latent * dict_size / cfg.batch_size)
+    return cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch), cfg.min_steps, per_latent)
 
 
 def objective(train_metrics: dict, kind: str, mu: float) -> float:
     """The loss trend's objective from window means: recon + μ·sparsity (eq. 3, at the final μ) for L1, the
     reconstruction term (eq. 9 without the aux helper, which only appears once latents die) for BatchTopK."""
     return train_metrics["recon"] + (mu * train_metrics["sparsity"] if kind == "l1" else 0.0)
+
+
+def controlled_target(cfg: TrainConfig) -> float:
+    """What `mu: auto` steers toward, as a quantity that falls as μ rises: L0, or 1 / FVU = 1 / (1 − FVE)."""
+    return float(cfg.target_l0) if cfg.target_l0 else 1.0 / (1.0 - cfg.target_fve)
+
+
+@torch.no_grad()
+def controlled_signal(cfg: TrainConfig, r: dict, x: Tensor) -> Tensor:
+    """This batch's value of `controlled_target`'s quantity (on device: no host sync)."""
+    if cfg.target_l0:
+        return r["l0"]
+    fvu = r["eps"].pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)   # 1 − FVE of this batch
+    return 1.0 / fvu.clamp_min(1e-6)
 
 
 # -- losses ---------------------------------------------------------------------------------------
@@ -377,12 +399,12 @@ def train(train_path: str | Path, val_path: str | Path | None, out: str | Path, 
     spe = cache.n // cfg.batch_size
     if spe == 0:
         raise ValueError(f"{train_path}: {cache.n} rows is fewer than one batch of {cfg.batch_size}")
-    total = total_steps(cfg, spe)
+    total = total_steps(cfg, spe, D)
     if cfg.type == "batchtopk" and cfg.k > D:
         raise ValueError(f"k={cfg.k} exceeds the dictionary size {D}")
     lr = resolved_lr(cfg, D)
     auto_mu = cfg.type == "l1" and cfg.mu == "auto"
-    ctl = MuController(cfg.target_l0, int(cfg.mu_calibrate * total), dev) if auto_mu else None
+    ctl = MuController(controlled_target(cfg), int(cfg.mu_calibrate * total), dev) if auto_mu else None
     if auto_mu and cfg.mu_calibrate * total < 1000:
         log.warning("mu: auto adapts mu over only %d steps; it needs ~1000 to settle (raise min_steps)",
                     int(cfg.mu_calibrate * total))
@@ -447,7 +469,7 @@ def train(train_path: str | Path, val_path: str | Path | None, out: str | Path, 
             if cfg.type == "batchtopk" and step >= cfg.theta_start * total:
                 update_threshold(cc, r["min_v"], cfg.theta_momentum)
             if ctl is not None:
-                ctl.update(step, r["l0"])
+                ctl.update(step, controlled_signal(cfg, r, x))
             if step < n_early:
                 early += torch.stack([torch.ones((), device=dev), r["recon"].detach(),
                                       r.get("sparsity", torch.zeros((), device=dev)).detach()]).double()
@@ -499,7 +521,7 @@ def train(train_path: str | Path, val_path: str | Path | None, out: str | Path, 
                "normalisation": cfg.normalisation, "scale": cc.scale.tolist(), "norm_ratio": norms[1] / norms[0],
                "init": cfg.init, "init_norm": cc.cfg.init_norm, "aux_loss": cfg.aux_loss,
                "k_aux": cfg.resolved_k_aux(d) if cfg.type == "batchtopk" else None,
-               "target_l0": cfg.k if cfg.type == "batchtopk" else cfg.target_l0,
+               "target_l0": cfg.k if cfg.type == "batchtopk" else cfg.target_l0, "target_fve": cfg.target_fve,
                "threshold": float(cc.threshold), "tokens_per_s": (step - start) * cfg.batch_size / max(elapsed, 1e-9),
                "loss_trend": {"early": objective({"recon": rec0 / n0, "sparsity": sp0 / n0}, cfg.type, mu or 0.0),
                               "final": objective(last["train"], cfg.type, mu or 0.0)} if n0 and last else None}
