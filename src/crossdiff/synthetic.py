@@ -203,7 +203,7 @@ def auroc_null_sd(n_pos: int, n_neg: int) -> float:
 # -- ground truth of a trained crosscoder ----------------------------------------------------------------
 
 
-def latent_truth(crosscoder, gt: GroundTruth, split: str, n_tokens: int) -> dict[str, np.ndarray]:
+def latent_truth(crosscoder, gt: GroundTruth, split: str, n_tokens: int, progress: bool = True) -> dict[str, np.ndarray]:
     """Match every latent to a true feature, and measure on regenerated data where its matched feature lives.
 
     `base_share[j]` = Σ_x f_j(x)·1[feature present in base at x] / Σ_x f_j(x): the share of latent j's
@@ -223,7 +223,7 @@ def latent_truth(crosscoder, gt: GroundTruth, split: str, n_tokens: int) -> dict
     safe = np.where(idx >= 0, idx, 0)
     with torch.no_grad():
         for _, a_base, _, h in tqdm(iter_split(gt, split, n_tokens), desc="ground truth", leave=False,
-                                    total=-(-n_tokens // CHUNK)):
+                                    total=-(-n_tokens // CHUNK), disable=not progress):
             f = crosscoder.encode(torch.from_numpy(h).to(param.device, param.dtype)).float().cpu().numpy()
             present = (a_base[:, safe] > 0) & (idx >= 0)
             mass += f.sum(0)
@@ -355,7 +355,8 @@ def variant_params(entry: Mapping, vp: Mapping) -> dict:
 
 # The trainer's metrics copied into each variant's block: the health verdict (crossdiff.health) with its
 # reasons, and the μ / lr a run actually used (mu: auto, lr: auto).
-TRAINING_KEYS = ("val", "steps", "dict_size", "kind", "k", "mu", "lr", "target_l0", "health", "health_reasons")
+TRAINING_KEYS = ("val", "steps", "dict_size", "kind", "k", "mu", "lr", "target_l0", "target_fve", "health",
+                 "health_reasons")
 
 
 def run_validation(params: Mapping, out: str | Path, work: str | Path, device: str = "auto",
@@ -386,7 +387,7 @@ def run_validation(params: Mapping, out: str | Path, work: str | Path, device: s
         table = analyse(work / name, paths["train"], paths["val"], params["analysis"], device=resolve_device(device),
                         progress=progress)
         cc = CrossCoder.load(work / name)
-        truth = latent_truth(cc, gt, "val", n_val)
+        truth = latent_truth(cc, gt, "val", n_val, progress)
         kind = matched_kinds(truth["feature"], truth["cos"], gt, vp["match_cos"])
         result[name] = {"training": {k: training.get(k) for k in TRAINING_KEYS},
                         **variant_metrics(table, truth, gt, vp["match_cos"], params["analysis"]["nu_thresholds"])}
