@@ -89,6 +89,8 @@ def markdown(rows: list[dict]) -> str:
     def cell(v):
         if v is None:
             return "–"
+        if isinstance(v, float) and abs(v) >= 100:
+            return f"{v:.0f}"
         return f"{v:.3g}" if isinstance(v, float) else ("**yes**" if v is True else "no" if v is False else str(v))
     names = {"true_l0": "true L0", "recall": "chat-only recall", "bait_share_after_nu": f"bait, ν < {PI}",
              "bait_share_at_0.1": "bait, ν < 0.1", "fve": "val FVE", "l0": "val L0", "seconds": "s", "pass": "bars met"}
