@@ -63,7 +63,7 @@ def row(name: str, variant: str, m: dict, seconds: float, spec: dict) -> dict:
     tr, cset = m["training"], m["chat_only_set"]
     robust = _robust(m, PI)
     val = tr["val"] or {}
-    bait_share = _bait_share(m, PI)
+    bait_share = robust["bait"] / robust["n"] if robust["n"] else 0.0
     out = {"set": name, "variant": variant, "d": spec["d_model"], "features": sum(spec["n_features"].values()),
            "true_l0": round(sum(spec["n_features"].values()) * spec["feature_rate"], 2),
            "rate": spec["feature_rate"], "noise": spec["noise"],
@@ -73,7 +73,7 @@ def row(name: str, variant: str, m: dict, seconds: float, spec: dict) -> dict:
            "dead": 1 - m["n_alive"] / m["n_latents"], "steps": tr["steps"], "k": tr.get("k"), "mu": tr.get("mu"),
            "target_fve": tr.get("target_fve"),
            "health": tr["health"], "seconds": round(seconds, 1)}
-    if m["training"]["kind"] == "batchtopk":
+    if tr["kind"] == "batchtopk":
         out["pass"] = cset["recall"] >= BARS["recall"] and bait_share <= BARS["bait_share"]
     else:
         out["pass"] = (val.get("fve") or 0.0) >= BARS["l1_fve"]
@@ -121,6 +121,7 @@ def main(argv=None) -> None:
         key, value = o.split("=", 1)
         variant, name = key.split(".", 1)
         params["crosscoders"][variant][name] = yaml.safe_load(value)
+    analysis = {**params["analysis"], "nu_thresholds": sorted({PI, *params["analysis"]["nu_thresholds"]})}
     rows = []
     for name, d, per_d, rate, noise in SETS:
         if args.sets and name not in args.sets:
@@ -129,7 +130,6 @@ def main(argv=None) -> None:
         for variant, entry in params["crosscoders"].items():
             if args.variants and variant not in args.variants:
                 continue
-            analysis = {**params["analysis"], "nu_thresholds": sorted({PI, *params["analysis"]["nu_thresholds"]})}
             sliced = {"validate": {**spec, "epochs": entry["epochs"]}, "analysis": analysis,
                       "crosscoders": {variant: copy.deepcopy(entry)}}
             t0 = time.perf_counter()

@@ -45,6 +45,20 @@ def auto_lr(dict_size: int) -> float:
     return 2e-4 / math.sqrt(dict_size / 2 ** 14)
 
 
+def controlled_target(target_l0: float | None, target_fve: float | None) -> float:
+    """What `mu: auto` steers toward, as a quantity that falls as μ rises: L0, or 1 / FVU = 1 / (1 − FVE)."""
+    return float(target_l0) if target_l0 else 1.0 / (1.0 - target_fve)
+
+
+@torch.no_grad()
+def controlled_signal(target_l0: float | None, r: dict, x: Tensor) -> Tensor:
+    """This batch's value of `controlled_target`'s quantity from the loss dict r (on device: no host sync)."""
+    if target_l0:
+        return r["l0"]
+    fvu = r["eps"].pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)   # 1 − FVE of this batch
+    return 1.0 / fvu.clamp_min(1e-6)
+
+
 class MuController:
     """log μ on device, adapted toward a target during the first `until` steps, then fixed (see module doc).
 

@@ -29,7 +29,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from crossdiff import health
-from crossdiff.calibrate import MuController, auto_lr
+from crossdiff.calibrate import MuController, auto_lr, controlled_signal, controlled_target
 from crossdiff.cli import resolve_device
 from crossdiff.crosscoder import (
     AUTHORS_INIT_NORM,
@@ -172,20 +172,6 @@ def objective(train_metrics: dict, kind: str, mu: float) -> float:
     """The loss trend's objective from window means: recon + μ·sparsity (eq. 3, at the final μ) for L1, the
     reconstruction term (eq. 9 without the aux helper, which only appears once latents die) for BatchTopK."""
     return train_metrics["recon"] + (mu * train_metrics["sparsity"] if kind == "l1" else 0.0)
-
-
-def controlled_target(cfg: TrainConfig) -> float:
-    """What `mu: auto` steers toward, as a quantity that falls as μ rises: L0, or 1 / FVU = 1 / (1 − FVE)."""
-    return float(cfg.target_l0) if cfg.target_l0 else 1.0 / (1.0 - cfg.target_fve)
-
-
-@torch.no_grad()
-def controlled_signal(cfg: TrainConfig, r: dict, x: Tensor) -> Tensor:
-    """This batch's value of `controlled_target`'s quantity (on device: no host sync)."""
-    if cfg.target_l0:
-        return r["l0"]
-    fvu = r["eps"].pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)   # 1 − FVE of this batch
-    return 1.0 / fvu.clamp_min(1e-6)
 
 
 # -- losses ---------------------------------------------------------------------------------------
@@ -404,7 +390,8 @@ def train(train_path: str | Path, val_path: str | Path | None, out: str | Path, 
         raise ValueError(f"k={cfg.k} exceeds the dictionary size {D}")
     lr = resolved_lr(cfg, D)
     auto_mu = cfg.type == "l1" and cfg.mu == "auto"
-    ctl = MuController(controlled_target(cfg), int(cfg.mu_calibrate * total), dev) if auto_mu else None
+    target = controlled_target(cfg.target_l0, cfg.target_fve) if auto_mu else None
+    ctl = MuController(target, int(cfg.mu_calibrate * total), dev) if auto_mu else None
     if auto_mu and cfg.mu_calibrate * total < 1000:
         log.warning("mu: auto adapts mu over only %d steps; it needs ~1000 to settle (raise min_steps)",
                     int(cfg.mu_calibrate * total))
@@ -469,7 +456,7 @@ def train(train_path: str | Path, val_path: str | Path | None, out: str | Path, 
             if cfg.type == "batchtopk" and step >= cfg.theta_start * total:
                 update_threshold(cc, r["min_v"], cfg.theta_momentum)
             if ctl is not None:
-                ctl.update(step, controlled_signal(cfg, r, x))
+                ctl.update(step, controlled_signal(cfg.target_l0, r, x))
             if step < n_early:
                 early += torch.stack([torch.ones((), device=dev), r["recon"].detach(),
                                       r.get("sparsity", torch.zeros((), device=dev)).detach()]).double()
