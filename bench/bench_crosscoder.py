@@ -7,6 +7,10 @@ step against a plain matmul of the encoder's shape (the step's unavoidable dense
 `x @ W` as PyTorch runs it (a fresh N×D output, page-faulted in each call: the reference of earlier runs) and
 `mm(x, W, out=buf)` into a reused buffer (the GEMM alone). `step_over_matmul` is the whole step (loss,
 backward, clip, Adam); `loss_backward_over_matmul` is the optimiser-independent part (issue 19's target).
+
+`l1`: the L1 step on the ReLU's support (`l1_loss(..., sparse=True)`, what training switches to once L0/D
+falls below `L1_SPARSE_DENSITY`) against the dense L1 step, at the same weights with the encoder bias set
+so that L0 ≈ k (a trained L1's regime: the toy pair's ends at L0 ≈ 6.5 of 2,048).
 """
 
 import sys
@@ -18,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import parser, timeit, write_result  # noqa: E402  (after the sys.path insert that finds bench/common.py)
 
 from crossdiff.crosscoder import CrossCoder, CrossCoderConfig  # noqa: E402  (after the sys.path insert that finds bench/common.py)
-from crossdiff.train import TrainConfig, batchtopk_loss, recon_per_token  # noqa: E402  (after the sys.path insert that finds bench/common.py)
+from crossdiff.train import TrainConfig, batchtopk_loss, l1_loss, recon_per_token  # noqa: E402  (after the sys.path insert that finds bench/common.py)
 
 
 def dense_loss(cc: CrossCoder, x, k):
@@ -29,6 +33,30 @@ def dense_loss(cc: CrossCoder, x, k):
     idx = v.flatten().topk(n * k, sorted=False).indices
     ftrain = torch.zeros_like(f).flatten().scatter(0, idx, f.flatten()[idx]).view_as(f)
     return recon_per_token(x - cc.decode_normalized(ftrain), "norm").mean()
+
+
+def l1_steps(x, d, D, k, dev, repeat) -> dict:
+    """Dense vs support-only L1 step (same loss and gradients, tests/test_crosscoder.py) at L0 ≈ k."""
+    times, l0 = {}, {}
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        cc = CrossCoder(CrossCoderConfig(d, D, "l1")).to(dev)
+        with torch.no_grad():
+            pre = cc.pre_acts(x)
+            cc.b_enc.sub_(pre.flatten().kthvalue(pre.numel() - k * x.shape[0]).values)
+        opt = torch.optim.Adam(cc.parameters(), lr=1e-5)
+
+        def step(cc=cc, opt=opt, sparse=sparse):
+            r = l1_loss(cc, x, 0.1, sparse=sparse)
+            opt.zero_grad(set_to_none=True)
+            r["loss"].backward()
+            opt.step()
+            return r
+
+        times[sparse] = timeit(step, repeat=repeat)
+        l0[sparse] = float(step()["l0"])
+    return {"dense_step_s": times[False], "sparse_step_s": times[True], "ratio": times[False] / times[True],
+            "l0": l0[True]}
 
 
 def main(argv=None):
@@ -85,6 +113,7 @@ def main(argv=None):
     t_mm_buf = timeit(lambda: torch.mm(xf, W, out=buf), repeat=repeat)
     mm_flops = 2 * n * 2 * d * D
     step_flops = mm_flops + 2 * n * k * 2 * d * 4        # encoder fwd + sparse decode fwd/bwd + encoder bwd
+    l1 = l1_steps(x, d, D, k, dev, repeat)
     res = write_result(
         args.out, "crosscoder",
         ours={"tokens_per_s": n / t_o, "step_s": t_o, "gflops": step_flops / t_o / 1e9},
@@ -96,6 +125,7 @@ def main(argv=None):
                   "loss_backward_over_matmul": t_lb / t_mm, "encoder_matmul_prealloc_s": t_mm_buf,
                   "step_over_matmul_prealloc": t_o / t_mm_buf,
                   "loss_backward_over_matmul_prealloc": t_lb / t_mm_buf},
+        l1=l1,
         threads=torch.get_num_threads(),
     )
     print(res)

@@ -86,6 +86,42 @@ def test_l1_loss_matches_eq3_and_grads():
             assert torch.allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("b_enc", [0.0, -0.6])   # half the latents active, then a sparse few
+def test_l1_loss_sparse_equals_dense(b_enc):
+    """The ReLU-support path (issue 19) gives eq. 3's loss, metrics and every gradient of the dense path."""
+    torch.manual_seed(3)
+    cc = make("l1")
+    with torch.no_grad():
+        cc.b_enc.fill_(b_enc)
+        cc.b_dec.normal_()
+    x = torch.randn(N, 2, D_MODEL)
+    out = {}
+    for sparse in (False, True):
+        cc.zero_grad()
+        r = l1_loss(cc, x, 0.3, "norm", sparse=sparse)
+        r["loss"].backward()
+        out[sparse] = r, grads(cc)
+    (rd, gd), (rs, gs) = out[False], out[True]
+    assert 0 < float(rs["l0"]) < cc.cfg.dict_size
+    for key in ("loss", "recon", "sparsity", "l0"):
+        assert torch.allclose(rs[key], rd[key], rtol=1e-5, atol=1e-6), key
+    assert torch.equal(rs["fired"], rd["fired"]) and torch.allclose(rs["eps"], rd["eps"], atol=1e-5)
+    for a, b in zip(gs, gd):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_decode_support_equals_dense_decode():
+    """The CSR decode over f's nonzeros (validation, inference) reconstructs what the dense eq. 2 does."""
+    torch.manual_seed(4)
+    cc = make("l1")
+    with torch.no_grad():
+        cc.b_dec.normal_()
+    for density in (0.05, 0.5):   # sparse: the CSR path; dense: falls back to the dense product
+        f = torch.relu(torch.randn(N, DICT)) * (torch.rand(N, DICT) < density)
+        assert torch.allclose(cc.decode_support(f), cc.decode_normalized(f), atol=1e-5)
+        assert torch.allclose(cc.decode_support(f, f > 0), cc.decode_normalized(f), atol=1e-5)
+
+
 def test_batch_topk_indices_exact():
     torch.manual_seed(1)
     for n, d, k in ((64, 512, 5), (7, 33, 2), (300, 1000, 40)):

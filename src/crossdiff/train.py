@@ -40,6 +40,7 @@ from crossdiff.crosscoder import (
     batchtopk_select,
     batchtopk_v,
     geometric_median,
+    indices_of,
     scale_from_norms,
     selected_acts,
     sparse_decode,
@@ -183,8 +184,12 @@ def recon_per_token(eps: Tensor, how: str) -> Tensor:
     return 0.5 * per.sum(-1)                                             # eq. 3 / 9 reconstruction term
 
 
-def l1_loss(cc: CrossCoder, x: Tensor, mu: float, recon: str = "norm", autocast: bool = False) -> dict:
-    """Eq. 3 on normalised x (N, 2, d). Dense: the L1 crosscoder's f is dense by construction."""
+def l1_loss(cc: CrossCoder, x: Tensor, mu: float, recon: str = "norm", autocast: bool = False,
+            sparse: bool = False) -> dict:
+    """Eq. 3 on normalised x (N, 2, d). The L1 crosscoder's f is dense by construction; once most of it is
+    zero, `sparse` runs the same loss on the ReLU's support only (`l1_loss_sparse`), with the same gradients."""
+    if sparse and not autocast:
+        return l1_loss_sparse(cc, x, mu, recon)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
         f = cc.pre_acts(x)
         x_hat = cc.decode_normalized(f)
@@ -193,6 +198,27 @@ def l1_loss(cc: CrossCoder, x: Tensor, mu: float, recon: str = "norm", autocast:
     sparsity = (f * cc.latent_weights()).sum(-1).mean()                 # eq. 3: Σ_j f_j (‖d_j^b‖ + ‖d_j^c‖)
     return dict(loss=rec + mu * sparsity, recon=rec, sparsity=sparsity, eps=eps.detach(),
                 l0=(f > 0).sum(-1).float().mean(), fired=(f > 0).any(0))
+
+
+L1_SPARSE_DENSITY = 0.1  # L1 steps run sparse while the last step's L0 / D is below this (measured: equal at 0.15)
+
+
+def l1_loss_sparse(cc: CrossCoder, x: Tensor, mu: float, recon: str = "norm") -> dict:
+    """`l1_loss` computed over the entries with f > 0 only: eq. 1's ReLU zeroes every other entry *and* its
+    gradient, so the selection {f > 0} carries the whole loss and the whole gradient (decode, sparsity, both
+    backwards as CSR products, O(L0·N·d)). The encoder matmul runs once, without autograd."""
+    n = x.shape[0]
+    with torch.no_grad():
+        pre = cc.pre_acts(x)                                             # eq. 1, ReLU applied: f ≥ 0
+        sel = Selection.from_flat(indices_of(pre.reshape(-1) > 0), n, cc.cfg.dict_size)
+    vals = selected_acts(cc, x, pre, sel)                                # f_j(x_n) > 0, differentiable
+    eps = x - (sparse_decode(cc, vals, sel) + cc.b_dec)                 # eq. 2
+    rec = recon_per_token(eps, recon).mean()
+    sparsity = (vals * cc.latent_weights()[sel.cols]).sum() / n          # eq. 3: Σ_j f_j (‖d_j^b‖ + ‖d_j^c‖)
+    fired = torch.zeros(cc.cfg.dict_size, dtype=torch.bool, device=x.device)
+    fired[sel.cols] = True
+    return dict(loss=rec + mu * sparsity, recon=rec, sparsity=sparsity, eps=eps.detach(),
+                l0=torch.tensor(sel.flat.numel() / n, device=x.device), fired=fired)
 
 
 def aux_selection(v: Tensor, dead: Tensor, k_aux: int, static: bool) -> tuple[Selection, Tensor]:
@@ -286,12 +312,13 @@ def evaluate(cc: CrossCoder, cache, batch_size: int = 4096, limit: int | None = 
     for batch in cache.iter_sequential(batch_size, fields=("acts",), limit=limit, device=dev):
         x = cc.normalize(batch["acts"].to(dev))
         f = cc.encode_normalized(x)
-        eps = x - cc.decode_normalized(f)
+        active = f > 0                                                    # f ≥ 0: its support
+        eps = x - cc.decode_support(f, active)
         for key, t in (("h", x), ("e", eps)):
             s[key] += t.sum(0, dtype=torch.float64)
             s[key + "2"] += t.double().pow(2).sum(0)
-        fired |= (f > 0).any(0)
-        l0 += float((f > 0).sum())
+        fired |= active.any(0)
+        l0 += float(torch.count_nonzero(active))
         rec += float(recon_per_token(eps, "norm").sum())
         n += x.shape[0]
     if n == 0:
@@ -408,6 +435,7 @@ def train(train_path: str | Path, val_path: str | Path | None, out: str | Path, 
     early = torch.zeros(3, dtype=torch.float64, device=dev)             # first steps: count, Σ recon, Σ sparsity
     n_early = min(10, total)
     static = dev.type != "cpu"
+    l1_sparse = False                                                   # L1: the ReLU's support only (l1_loss)
     history: list[dict] = []
     step = 0
     ck = latest_checkpoint(ckdir)
@@ -445,7 +473,8 @@ def train(train_path: str | Path, val_path: str | Path | None, out: str | Path, 
             for g in opt.param_groups:
                 g["lr"] = lr * lr_factor(step, total, cfg.lr_warmup, cfg.lr_decay)
             if cfg.type == "l1":
-                r = l1_loss(cc, x, ctl.mu() if ctl else mu_at(step, total, cfg), cfg.recon, autocast)
+                r = l1_loss(cc, x, ctl.mu() if ctl else mu_at(step, total, cfg), cfg.recon, autocast, l1_sparse)
+                l1_sparse = not static and float(r["l0"]) < L1_SPARSE_DENSITY * D   # CPU: a sync is free
             else:
                 r = batchtopk_loss(cc, x, k_at(step, total, cfg, D), tsf, cfg, static, autocast)
             opt.zero_grad(set_to_none=True)
