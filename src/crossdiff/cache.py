@@ -29,6 +29,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
@@ -38,7 +39,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from . import __version__
-from .models import Pair, d_model, hidden_at_layer
+
+if TYPE_CHECKING:
+    from .models import Pair
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +227,7 @@ def _check_finite(h: Tensor, what: str, seq: Tensor, pos: Tensor) -> None:
 def _batch_rows(pair: Pair, layer: int, df: pl.DataFrame, bos: int | None, device, dtype: str) -> dict[str, np.ndarray]:
     """Forward one batch through both models to layer L; the rows past position 0 that are not BOS, in sequence
     then position order, in the storage dtype. Raises on a non-finite value, before or after the cast."""
+    from . import models  # transformers: imported only where models run (3 s that reading a cache never needs)
     seqs = df["input_ids"].to_list()
     width = max(map(len, seqs))
     ids = torch.zeros(len(seqs), width, dtype=torch.long)
@@ -241,7 +245,7 @@ def _batch_rows(pair: Pair, layer: int, df: pl.DataFrame, bos: int | None, devic
     ids_d, mask_d = ids.to(device), mask.to(device)
     out = {}
     for name, model in (("base", pair.base), ("chat", pair.chat)):
-        h = hidden_at_layer(model, ids_d, mask_d, layer)[keep.to(device)].float()
+        h = models.hidden_at_layer(model, ids_d, mask_d, layer)[keep.to(device)].float()
         _check_finite(h, name, seq[keep], pos[keep])
         out[name] = to_storage(h, dtype)
         _check_finite(from_storage(out[name], dtype), f"{name} ({dtype}-stored)", seq[keep], pos[keep])
@@ -261,6 +265,7 @@ def write_cache(pair: Pair, layer: int, corpus: str | Path, out: str | Path, bat
     (a sharded one when the shards are merged). `stop_after_chunks` (tests) raises after that many chunk
     commits, like a kill between chunks.
     """
+    from . import models
     corpus, out = Path(corpus), Path(out)
     partial = out.with_name(out.name + ".partial")
     bos = pair.tokenizer.bos_token_id
@@ -270,7 +275,7 @@ def write_cache(pair: Pair, layer: int, corpus: str | Path, out: str | Path, bat
     p = plan(lengths, keep, batch_tokens, shard, num_shards, window_batches)
     if p.n_rows == 0:
         raise CacheError(f"{corpus}: shard {shard}/{num_shards} has no tokens to cache")
-    d = d_model(pair.base)
+    d = models.d_model(pair.base)
     attrs = dict(base_model=pair.base_name, chat_model=pair.chat_name, layer=layer, d_model=d,
                  tokenizer=pair.chat_name, created_by=f"crossdiff {__version__}", corpus=str(corpus),
                  batch_tokens=batch_tokens, chunk_rows=chunk_rows, window_batches=window_batches, shard=shard,
