@@ -39,6 +39,10 @@ REPORT = f"results/report/{PAIR}"
 LOGS = f"results/logs/{PAIR}"
 BENCHMARKS = f"results/benchmarks/{PAIR}"  # Snakemake's per-job wall time and peak RSS (the report's stage table)
 ENV = "../envs/crossdiff.yaml"
+# Crosscoder trainings take half the cores, so two run side by side: half of a step is sparse work on one
+# thread (crossdiff.crosscoder.serial), and two 1-thread runs on 2 cores train 1.31x as many tokens per
+# second as two 2-thread runs in turn (measured, issue 19). Snakemake sets OMP_NUM_THREADS to `threads`.
+TRAIN_THREADS = max(1, workflow.cores // 2)
 
 # Model weights: built by `models` for a built pair, otherwise HF ids / local dirs.
 PACKAGED_DIR = f"results/models/packaged/{PACKAGED}" if PACKAGED else None

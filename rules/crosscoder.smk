@@ -18,7 +18,7 @@ rule train_crosscoder:
         log_of("train_crosscoder", "-{variant}"),
     benchmark:
         benchmark_of("train_crosscoder", "-{variant}")
-    threads: workflow.cores
+    threads: TRAIN_THREADS
     resources:
         gpu=1,
     conda:

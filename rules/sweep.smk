@@ -41,7 +41,7 @@ rule sweep_point:
         log_of("sweep_point", "-{sparsity}-x{expansion}"),
     benchmark:
         benchmark_of("sweep_point", "-{sparsity}-x{expansion}")
-    threads: workflow.cores
+    threads: TRAIN_THREADS
     resources:
         gpu=1,
     conda:

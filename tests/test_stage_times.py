@@ -23,9 +23,16 @@ def test_rows_follow_finish_order_and_totals_sum_time_and_take_peak_memory(tmp_p
     table = stage_times.read(tmp_path)
     assert table["job"].to_list() == ["build_corpus", "train_crosscoder-l1"]
     assert table["peak_rss_gib"].to_list() == [0.5, 2.0]
-    assert stage_times.totals(table) == {"seconds": 34.5, "peak_rss_gib": 2.0}
+    assert stage_times.totals(table) == {"seconds": 34.5, "wall_seconds": 200 - (100 - 4.0), "peak_rss_gib": 2.0}
     md = stage_times.markdown(table)
-    assert "| build_corpus | 0:04 | 0.50 |" in md and "**0:34**" in md
+    assert "| build_corpus | 0:04 | 0.50 |" in md and "**0:34**" in md and "**1:44**" in md
+
+
+def test_wall_time_is_less_than_the_sum_when_jobs_overlap(tmp_path):
+    _bench(tmp_path, "train_crosscoder-l1", 100.0, 900, 1100)         # ran 1000..1100
+    _bench(tmp_path, "train_crosscoder-batchtopk", 120.0, 900, 1120)  # ran 1000..1120, side by side
+    t = stage_times.totals(stage_times.read(tmp_path))
+    assert t["seconds"] == 220.0 and t["wall_seconds"] == 120.0
 
 
 def test_missing_folder_is_none_and_a_stray_file_is_named(tmp_path):

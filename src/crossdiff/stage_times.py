@@ -25,14 +25,19 @@ def read(folder: str | Path) -> pl.DataFrame | None:
             raise ValueError(f"{f}: not a Snakemake benchmark file (no 's' column)")
         last = t.row(-1, named=True)  # `benchmark: repeat(...)` writes one row per repeat; the last is the run
         rss = last.get("max_rss")
-        rows.append({"job": f.stem, "seconds": float(last["s"]),
+        end = f.stat().st_mtime                   # Snakemake writes the file as the job ends
+        rows.append({"job": f.stem, "seconds": float(last["s"]), "start": end - float(last["s"]), "end": end,
                      "peak_rss_gib": float(rss) / 1024 if rss not in (None, "-", "NA") else None})
-    return pl.DataFrame(rows, schema={"job": pl.String, "seconds": pl.Float64, "peak_rss_gib": pl.Float64})
+    return pl.DataFrame(rows, schema={"job": pl.String, "seconds": pl.Float64, "start": pl.Float64, "end": pl.Float64,
+                                      "peak_rss_gib": pl.Float64})
 
 
 def totals(table: pl.DataFrame) -> dict:
-    """Wall time summed over jobs (the run's length when jobs ran one at a time) and the largest peak RSS."""
-    return {"seconds": float(table["seconds"].sum()), "peak_rss_gib": table["peak_rss_gib"].max()}
+    """Job time summed over jobs, the run's wall time (first start to last end: less than the sum where jobs
+    ran side by side, as two trainings do; more where the run paused between jobs) and the largest peak RSS."""
+    return {"seconds": float(table["seconds"].sum()),
+            "wall_seconds": float(table["end"].max() - table["start"].min()),
+            "peak_rss_gib": table["peak_rss_gib"].max()}
 
 
 def markdown(table: pl.DataFrame) -> str:
@@ -41,7 +46,8 @@ def markdown(table: pl.DataFrame) -> str:
         rss = "–" if r["peak_rss_gib"] is None else f"{r['peak_rss_gib']:.2f}"
         lines.append(f"| {r['job']} | {_clock(r['seconds'])} | {rss} |")
     t = totals(table)
-    lines.append(f"| **total** | **{_clock(t['seconds'])}** | **{t['peak_rss_gib'] or 0:.2f}** (max) |")
+    lines.append(f"| **sum over jobs** | **{_clock(t['seconds'])}** | **{t['peak_rss_gib'] or 0:.2f}** (max) |")
+    lines.append(f"| **wall (first start to last end)** | **{_clock(t['wall_seconds'])}** | |")
     return "\n".join(lines)
 
 
