@@ -7,6 +7,7 @@ rule summarise_seeds:
         training=expand(f"{CC}/{{run}}/metrics.json", run=RUNS),
         analysis=expand(f"{ANALYSIS}/{{run}}/metrics.json", run=RUNS),
         causal=expand(f"{CAUSAL}/{{run}}/kl.parquet", run=RUNS),
+        causal_ci=expand(f"{CAUSAL}/{{run}}/metrics.json", run=RUNS),
     output:
         metrics=f"{ANALYSIS}/seeds/metrics.json",
         runs=f"{ANALYSIS}/seeds/runs.parquet",

@@ -10,7 +10,7 @@ def main(argv=None) -> None:
     p.add_argument("--runs", nargs="+", required=True, help="primary variants and their replicates (NAME-seedN)")
     p.add_argument("--crosscoders", required=True, help="folder holding {run}/metrics.json")
     p.add_argument("--analysis", required=True, help="folder holding {run}/metrics.json")
-    p.add_argument("--causal", required=True, help="folder holding {run}/kl.parquet")
+    p.add_argument("--causal", required=True, help="folder holding {run}/kl.parquet and {run}/metrics.json")
     p.add_argument("--out", required=True)
     args, params = cli.parse(p, argv)
     run_summary(args.runs, args.crosscoders, args.analysis, args.causal, params["seed"], args.out)
