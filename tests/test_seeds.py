@@ -55,6 +55,11 @@ def test_headline_reads_the_all_source_and_every_class():
     assert "diff_full_delta_norm_ci_low" not in h   # no halves to rank: no CI
 
 
+def test_headline_without_causal_metrics_has_no_cis():
+    h = seeds.headline({"val": {}}, {}, _kl(2.0, 4.0), None)
+    assert h["kl_full_nu_best"] == 2.0 and not any(k.startswith("diff_") for k in h)
+
+
 @pytest.mark.parametrize("ci, expected", [((-2.0, -0.5), (True, True, False)),   # CI below 0: significant
                                           ((-0.5, 0.3), (True, False, False)),    # straddles 0: sign only
                                           ((0.2, 0.9), (True, False, True))])     # above 0: reversed

@@ -139,16 +139,12 @@ class CrossCoder(nn.Module):
         """`decode_normalized` of a mostly-zero f (inference) as a CSR product over its nonzeros (`nonzero`:
         the mask f != 0 if the caller has it): O(L0·N·d) instead of O(N·D·d). On CPU only; elsewhere, or
         when f is not sparse, the dense product."""
-        n, D = f.shape
         if f.device.type != "cpu":
             return self.decode_normalized(f)
-        sel = Selection.from_flat(indices_of((f != 0 if nonzero is None else nonzero).reshape(-1)), n, D)
-        if sel.flat.numel() > SUPPORT_DENSITY * n * D:
+        sel = Selection.from_mask(f != 0 if nonzero is None else nonzero)
+        if sel.flat.numel() > SUPPORT_DENSITY * f.numel():
             return self.decode_normalized(f)
-        W = self.W_dec.permute(1, 0, 2).reshape(D, -1)                  # [d_j^base | d_j^chat]
-        with serial(f, sel.flat.numel() * W.shape[1]):
-            out = sel.csr(sel.gather(f)) @ W
-        return out.view(n, 2, -1) + self.b_dec                           # eq. 2
+        return sparse_decode(self, sel.gather(f), sel) + self.b_dec     # eq. 2
 
     def decode(self, f: Tensor) -> Tensor:
         """f (N, D) -> reconstruction in RAW units (N, 2, d)."""
@@ -284,6 +280,11 @@ class Selection:
         crow = torch.zeros(n + 1, dtype=torch.long, device=flat.device)
         torch.cumsum(counts, 0, out=crow[1:])
         return cls(n, dict_size, crow, flat - rows * dict_size, flat, rows)
+
+    @classmethod
+    def from_mask(cls, mask: Tensor) -> Selection:
+        """The entries where an (N, D) bool mask is true."""
+        return cls.from_flat(indices_of(mask.reshape(-1)), *mask.shape)
 
     def csr(self, values: Tensor) -> Tensor:
         return torch.sparse_csr_tensor(self.crow, self.cols, values, (self.n, self.dict_size),

@@ -73,7 +73,8 @@ def headline(training: Mapping, analysis: Mapping, kl: pl.DataFrame, causal: Map
     for r in kl.iter_rows(named=True):
         out[f"kl_{r.get('mask', 'full')}_{r['condition']}"] = r["mean"]
     diffs = (causal or {}).get("best_minus_worst") or {}
-    for mask, ranks in (diffs.get(source) if source else next(iter(diffs.values()), None) or {}).items():
+    picked = diffs.get(source) if source else next(iter(diffs.values()), None)   # the KL means' source
+    for mask, ranks in (picked or {}).items():
         for rank, d in (ranks or {}).items():
             if d and d.get("ci_low") is not None:
                 out[f"diff_{mask}_{rank}_ci_low"], out[f"diff_{mask}_{rank}_ci_high"] = d["ci_low"], d["ci_high"]

@@ -40,7 +40,6 @@ from crossdiff.crosscoder import (
     batchtopk_select,
     batchtopk_v,
     geometric_median,
-    indices_of,
     scale_from_norms,
     selected_acts,
     sparse_decode,
@@ -210,7 +209,7 @@ def l1_loss_sparse(cc: CrossCoder, x: Tensor, mu: float, recon: str = "norm") ->
     n = x.shape[0]
     with torch.no_grad():
         pre = cc.pre_acts(x)                                             # eq. 1, ReLU applied: f ≥ 0
-        sel = Selection.from_flat(indices_of(pre.reshape(-1) > 0), n, cc.cfg.dict_size)
+        sel = Selection.from_mask(pre > 0)
     vals = selected_acts(cc, x, pre, sel)                                # f_j(x_n) > 0, differentiable
     eps = x - (sparse_decode(cc, vals, sel) + cc.b_dec)                 # eq. 2
     rec = recon_per_token(eps, recon).mean()
