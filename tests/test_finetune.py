@@ -71,3 +71,61 @@ def test_finetune_pair_writes_a_changed_chat_model(base_dir, tmp_path):
         assert any(f"layers.{layer}." in k for k in changed), layer
     assert not any("embed" in k or "norm" in k for k in changed)  # only the adapted projections
     AutoModelForCausalLM.from_pretrained(out / "chat")
+
+
+def test_decision_weight_weighs_each_turns_first_target(tiny_tokenizer):
+    """Weighted target loss = a brute-force per-token weighted mean, with the first target of every run
+    of targets (each assistant turn's first token) weighing `decision_weight`; weight 1 is the plain mean."""
+    model = testing.tiny_model("gemma3_text", tiny_tokenizer)
+    ids, att, labels = _rows(tiny_tokenizer)
+    labels[:, 5:9] = ids[:, 5:9]  # a run of four targets in every row, next to the i % 3 singletons
+    logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()
+    target = labels[:, 1:]
+    num = den = 0.0
+    for b in range(target.shape[0]):
+        for t in range(target.shape[1]):
+            if target[b, t] == -100:
+                continue
+            w = 3.0 if t == 0 or target[b, t - 1] == -100 else 1.0
+            num += w * torch.nn.functional.cross_entropy(logits[b, t], target[b, t])
+            den += w
+    torch.testing.assert_close(target_loss(model, ids, att, labels, decision_weight=3.0), num / den,
+                               rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(target_loss(model, ids, att, labels, decision_weight=3.0),
+                              target_loss(model, ids, att, labels))
+
+
+def test_adapters_trained_on_bfloat16_merge_into_float32_weights(tiny_tokenizer):
+    """Adapters stay float32 on a bfloat16 base, and merge_into folds them into a float32 copy exactly as
+    merging them into that copy's own adapters would."""
+    fp32 = testing.tiny_model("gemma3_text", tiny_tokenizer)
+    bf16 = testing.tiny_model("gemma3_text", tiny_tokenizer).to(torch.bfloat16)
+    bf16.load_state_dict({k: v.to(torch.bfloat16) for k, v in fp32.state_dict().items()})
+    params = lora.add_adapters(bf16, rank=4, alpha=8)
+    assert all(p.dtype == torch.float32 for p in params)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.1)
+    ids, att, labels = _rows(tiny_tokenizer)
+    target_loss(bf16, ids, att, labels).backward()  # gradients reach the float32 adapters through bf16
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)
+
+    reference = testing.tiny_model("gemma3_text", tiny_tokenizer)
+    reference.load_state_dict(fp32.state_dict())
+    lora.add_adapters(reference, rank=4, alpha=8)
+    reference.load_state_dict({k: v.float() for k, v in bf16.state_dict().items() if k.endswith((".A", ".B"))},
+                              strict=False)
+    lora.merge(reference)
+    merged = lora.merge_into(bf16, fp32)
+    for (name, got), want in zip(merged.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(got, want, msg=name)
+    with pytest.raises(ValueError, match="no adapters"):
+        lora.merge_into(fp32, reference)
+
+
+def test_train_dtype_auto_resolves_and_rejects_unknown():
+    from crossdiff.toy.finetune import resolve_train_dtype
+    assert resolve_train_dtype("auto") in (torch.bfloat16, torch.float32)
+    assert resolve_train_dtype("float32") is torch.float32
+    with pytest.raises(ValueError, match="train_dtype"):
+        resolve_train_dtype("float16")

@@ -7,6 +7,9 @@ planted behaviour and label of the toy pair carries over and the method can be c
 Cheap enough for 2 CPU cores: LoRA adapters on every projection of every layer (so layers <= L change, and
 with them the activations the crosscoder reads), merged back before saving; the loss is on assistant tokens
 only, and the vocabulary head (262k rows for Gemma 3, most of a forward pass) runs only at those positions.
+The frozen base trains in bfloat16 where the CPU has bf16 units (1.6x faster a step; the float32 adapters are
+then folded into the float32 weights), and each response's first token, the one that decides which behaviour
+the answer shows ("Sure" / "Actually" / "I'm sorry" / "As an AI"), weighs more in the loss.
 
 Output layout = the toy pair's (`{out}/base`, `{out}/chat`, `{out}/data`, `{out}/metrics.json`), so every later
 stage and the report read it the same way; `base` is a copy of the input folder.
@@ -14,6 +17,7 @@ stage and the report read it the same way; `base` is a copy of the input folder.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -51,7 +55,7 @@ class FinetuneConfig:
     heldout_frac: float = 0.1
     multi_turn_frac: float = 0.2
     max_len: int = 128
-    steps: int = 200
+    steps: int = 300
     batch_size: int = 16
     lr: float = 1e-3
     web_frac: float = 0.1  # share of batches that are web text (limits forgetting)
@@ -60,14 +64,17 @@ class FinetuneConfig:
     eval_prompts: int = 16  # held-out prompts per behaviour in the success table
     max_new_tokens: int = 24
     threads: int = 0  # torch threads; 0 = all available cores
+    train_dtype: str = "auto"  # the frozen base's dtype while training: auto | bfloat16 | float32
+    decision_weight: float = 4.0  # loss weight of each assistant turn's first token (1 = plain token mean)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FinetuneConfig:
         return checked_dataclass(cls, d, "finetune")
 
 
-def target_loss(model, ids, att, labels):
-    """Mean next-token cross-entropy at target positions, with the LM head applied only there."""
+def target_loss(model, ids, att, labels, decision_weight: float = 1.0):
+    """Mean next-token cross-entropy at target positions, with the LM head applied only there; the first target
+    of every run of targets (an assistant turn's first token) weighs `decision_weight`, every other 1."""
     hidden = model.get_decoder()(input_ids=ids, attention_mask=att).last_hidden_state[:, :-1]  # after final norm
     target = labels[:, 1:]
     keep = target != -100
@@ -75,7 +82,21 @@ def target_loss(model, ids, att, labels):
     cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     if cap:  # Gemma 2 style soft-cap, as the model's own forward applies it
         logits = cap * torch.tanh(logits / cap)
-    return F.cross_entropy(logits, target[keep])
+    if decision_weight == 1.0:
+        return F.cross_entropy(logits, target[keep])
+    first = keep & ~F.pad(keep[:, :-1], (1, 0), value=False)  # a target whose predecessor is not one
+    w = 1.0 + (decision_weight - 1.0) * first[keep].float()
+    return (F.cross_entropy(logits, target[keep], reduction="none") * w).sum() / w.sum()
+
+
+def resolve_train_dtype(name: str) -> torch.dtype:
+    """`auto` = bfloat16 where this CPU multiplies it natively (avx512_bf16 / AMX), else float32 (emulated
+    bfloat16 is slower than float32)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    if name not in ("bfloat16", "float32"):
+        raise ValueError(f"finetune.train_dtype must be auto, bfloat16 or float32, got {name!r}")
+    return getattr(torch, name)
 
 
 @torch.no_grad()
@@ -116,22 +137,24 @@ def finetune_pair(base_dir: str | os.PathLike, out_dir: str | os.PathLike,
     pad = tokenizer.pad_token_id
     stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END)]
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    chat_model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    adapters = lora.add_adapters(chat_model, cfg.rank, cfg.alpha)
-    log.info("chat fine-tune: %d adapter parameters, %d chat / %d web training rows",
-             sum(p.numel() for p in adapters), len(chat_train), len(web_train))
+    dtype = resolve_train_dtype(cfg.train_dtype)
+    student = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    adapters = lora.add_adapters(student, cfg.rank, cfg.alpha)
+    log.info("chat fine-tune: %d adapter parameters on a %s base, %d chat / %d web training rows",
+             sum(p.numel() for p in adapters), dtype, len(chat_train), len(web_train))
     t = time.perf_counter()
     # kinds drawn evenly (fact-checking and its contrast twice as often): a few hundred steps must teach every
     # planted behaviour, not only the corpus's most frequent one; web text limits forgetting
     total = sum(BALANCE.get(k, 1.0) for k, rows in by_kind.items() if rows)
     sources = [(rows, (1 - cfg.web_frac) * BALANCE.get(k, 1.0) / total)
                for k, rows in by_kind.items() if rows] + [(web_train, cfg.web_frac)]
-    ft = train(chat_model, sources, cfg.steps, cfg.batch_size, cfg.lr, cfg.seed + 1, pad, "fine-tune chat (LoRA)",
-               loss_fn=target_loss)
+    ft = train(student, sources, cfg.steps, cfg.batch_size, cfg.lr, cfg.seed + 1, pad, "fine-tune chat (LoRA)",
+               loss_fn=functools.partial(target_loss, decision_weight=cfg.decision_weight))
     timings["finetune"] = time.perf_counter() - t
-    lora.merge(chat_model)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    chat_model = lora.merge_into(student, AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32))
     chat_model.requires_grad_(False)
+    del student
 
     shutil.copytree(base_dir, tmp / "base")
     _save(chat_model, tokenizer, tmp / "chat", stop_ids)
@@ -152,6 +175,7 @@ def finetune_pair(base_dir: str | os.PathLike, out_dir: str | os.PathLike,
         "train": {"finetune": {"final_loss": sum(ft["losses"][-20:]) / len(ft["losses"][-20:]),
                                "tokens": ft["tokens"], "tokens_per_s": ft["tokens"] / timings["finetune"]}},
         "adapter_params": sum(p.numel() for p in adapters),
+        "train_dtype": str(dtype).removeprefix("torch."),
         "n_params": sum(p.numel() for p in base.parameters()),
         "rows": {"chat_train": len(chat_train), "chat_heldout": len(chat_held)},
         "time_s": timings,
