@@ -304,3 +304,23 @@ def test_optimised_steps_match_dense_reference():
             p.grad = gp
         opt.step()
     assert bool(dead.any()) and float(r["aux"]) > 0
+
+
+@pytest.mark.parametrize("kind", ["l1", "batchtopk"])
+def test_fold_center_gives_the_centred_crosscoder_on_uncentred_input(kind):
+    """A crosscoder trained on x − c, with c folded into b_enc and b_dec, computes the same f and the same
+    reconstruction on x (eq. 1-2), so the saved model needs no centre."""
+    torch.manual_seed(0)
+    cc = CrossCoder(CrossCoderConfig(8, 32, kind, k=4))
+    with torch.no_grad():
+        for p in cc.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        cc.threshold.fill_(0.01)
+    c = 3 * torch.randn(2, 8)
+    x = torch.randn(50, 2, 8) + c
+    f_centred = cc.encode_normalized(x - c)
+    recon_centred = cc.decode_normalized(f_centred) + c
+    assert (f_centred > 0).any()
+    cc.fold_center(c)
+    torch.testing.assert_close(cc.encode_normalized(x), f_centred, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cc.decode_normalized(cc.encode_normalized(x)), recon_centred, rtol=1e-5, atol=1e-5)

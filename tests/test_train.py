@@ -78,9 +78,33 @@ def test_batchtopk_recovers_known_directions(caches, tmp_path):
     assert m["train"]["k_used"] == BTK["k"] and m["k"] == BTK["k"]   # the k used is the k configured
     assert m["val"]["fve"] > 0.7 and 0 < m["val"]["l0"] < 4 * BTK["k"]
     assert m["threshold"] > 0
+    assert not m["centered"] and m["mean_share"] < 0.5               # center: auto leaves zero-mean data alone
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert set(saved) >= {"train", "val"} and saved["val"]["fve_base"] is not None
     assert (tmp_path / "out" / "dvclive" / "plots" / "metrics" / "val" / "fve.tsv").exists()
+
+
+def test_a_dominant_mean_is_centred_and_folded_into_the_saved_model(tmp_path):
+    """center: auto trains on x − E[x] when the mean carries most of E‖x‖² (as a real LM's massive
+    activations do); the saved crosscoder, biases folded, gives on raw val data the FVE and L0 the run
+    measured while centred, and still finds the planted directions."""
+    from crossdiff.cache import ActivationCache
+    from crossdiff.train import evaluate
+    b, c, dirs = synthetic(6144)
+    vb, vc, _ = synthetic(1024, seed=1)
+    off = np.random.default_rng(5).standard_normal((2, 16))
+    off *= 3 / np.linalg.norm(off, axis=1, keepdims=True)
+    tr, va = write_cache(tmp_path / "t.h5", b + off[0], c + off[1]), write_cache(tmp_path / "v.h5", vb + off[0], vc + off[1])
+    m = train(tr, va, tmp_path / "out", BTK, progress=False)
+    assert m["centered"] and m["mean_share"] > 0.5
+    cc = CrossCoder.load(tmp_path / "out")
+    again = evaluate(cc, ActivationCache(va))
+    assert again["fve"] == pytest.approx(m["val"]["fve"], abs=1e-4) and again["l0"] == pytest.approx(m["val"]["l0"], rel=1e-3)
+    W = cc.decoder_raw().permute(1, 0, 2).reshape(cc.cfg.dict_size, -1)
+    W = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    cos = torch.from_numpy(dirs).float() @ W.T / torch.from_numpy(np.linalg.norm(dirs, axis=1)).float()[:, None]
+    assert cos.max(1).values.mean() > 0.9
+    assert not train(tr, va, tmp_path / "plain", dict(BTK, epochs=1, center=False), progress=False)["centered"]
 
 
 @pytest.mark.parametrize("kind", ["batchtopk", "l1"])

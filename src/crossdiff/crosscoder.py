@@ -162,6 +162,13 @@ class CrossCoder(nn.Module):
         """W_dec in raw units (2, D, d): Σ_j f_j decoder_raw[m, j] + b_dec/scale reconstructs raw h^m."""
         return self.W_dec / self.scale[:, None, None]
 
+    @torch.no_grad()
+    def fold_center(self, c: Tensor) -> None:
+        """Absorb an input centre c (2, d), normalised space, into the biases: a crosscoder trained on x − c
+        then gives the same f and reconstruction on x itself, so the saved model is plain eq. 1-2."""
+        self.b_enc -= torch.einsum("md,mdD->D", c.to(self.W_enc), self.W_enc)  # eq. 1: W_enc(x − c) + b_enc
+        self.b_dec += c.to(self.b_dec)                                          # eq. 2: x̂ − c + c
+
     # -- persistence ---------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
         """model.safetensors + config.json (DESIGN §3), atomically."""

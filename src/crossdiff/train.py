@@ -73,6 +73,8 @@ class TrainConfig:
                                    #   b_dec at the first batch's geometric median
     init_norm: float | None = None # explicit per-model encoder column norm at init (overrides `init`'s value)
     normalisation: str = "per_model"  # per_model | shared | none: the input scales (crosscoder.scale_from_norms)
+    center: bool | str = "auto"    # train on x − E[x], folded into b_enc, b_dec at save; auto: when the mean
+                                   #   carries > MEAN_SHARE_CENTER of E‖x‖² (real LMs' massive activations)
     lr: float | str = 1e-4         # "auto": 2e-4 / sqrt(D / 2^14) (crossdiff.calibrate.auto_lr)
     lr_warmup: float = 0.01
     lr_decay: float = 0.2
@@ -104,6 +106,8 @@ class TrainConfig:
                              ("init", ("crossdiff", "authors")), ("aux_loss", ("crossdiff", "authors"))):
             if getattr(cfg, key) not in allowed:
                 raise ValueError(f"crosscoder {key} must be one of {list(allowed)}, got {getattr(cfg, key)!r}")
+        if cfg.center not in (True, False, "auto"):
+            raise ValueError(f"crosscoder center must be true, false or 'auto', got {cfg.center!r}")
         if cfg.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {cfg.dtype!r}")
         for key in ("mu", "lr"):
@@ -298,10 +302,12 @@ def update_threshold(cc: CrossCoder, min_v: Tensor, momentum: float) -> None:
 
 # -- validation -----------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(cc: CrossCoder, cache, batch_size: int = 4096, limit: int | None = None) -> dict:
+def evaluate(cc: CrossCoder, cache, batch_size: int = 4096, limit: int | None = None,
+             center: Tensor | None = None) -> dict:
     """FVE per model and total (1 − ΣVar(ε)/ΣVar(h), normalised space), L0, dead fraction, recon loss.
 
     Uses the inference activations (θ for BatchTopK, eq. 10). Var is over tokens, summed over dimensions.
+    `center`: cc is mid-training on x − center (its biases not yet folded, TrainConfig.center).
     """
     dev = cc.W_enc.device
     s = {k: torch.zeros(2, cc.cfg.d_model, dtype=torch.float64, device=dev) for k in ("h", "h2", "e", "e2")}
@@ -310,6 +316,8 @@ def evaluate(cc: CrossCoder, cache, batch_size: int = 4096, limit: int | None = 
     n = 0
     for batch in cache.iter_sequential(batch_size, fields=("acts",), limit=limit, device=dev):
         x = cc.normalize(batch["acts"].to(dev))
+        if center is not None:
+            x = x - center
         f = cc.encode_normalized(x)
         active = f > 0                                                    # f ≥ 0: its support
         eps = x - cc.decode_support(f, active)
@@ -381,6 +389,29 @@ def mean_norms(cache) -> tuple[float, float]:
     return float(tot[0] / n), float(tot[1] / n)
 
 
+# center: auto centres the inputs when their mean carries more than this share of E‖x‖². Gemma 3 270M's
+# layer 9: 0.95 (one massive dimension), and a random encoder then sorts latents by w·E[x] alone: most never
+# fire (88% dead at the preset's length). The toy pair: 0.10-0.13.
+MEAN_SHARE_CENTER = 0.5
+
+
+def input_center(cache, cc: CrossCoder, rows: int = 100_000) -> tuple[Tensor, float]:
+    """(E[x] (2, d) in cc's normalised space, ‖E[x]‖² / E‖x‖²) from ~`rows` rows of `cache`, read in shuffled
+    chunks (a cache may hold web text first and chat after)."""
+    dev = cc.W_enc.device
+    tot = torch.zeros(2, cc.cfg.d_model, dtype=torch.float64, device=dev)
+    sq, n = 0.0, 0
+    for h in cache.iter_shuffled(8192, seed=0, device=dev):
+        x = cc.normalize(h.to(dev, torch.float32)).double()
+        tot += x.sum(0)
+        sq += float(x.pow(2).sum())
+        n += x.shape[0]
+        if n >= rows:
+            break
+    mean = tot / n
+    return mean.float(), float(mean.pow(2).sum() * n / sq)
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -428,6 +459,11 @@ def train(train_path: str | Path, val_path: str | Path | None, out: str | Path, 
                                      normalisation=cfg.normalisation,
                                      extra={"train": dataclasses.asdict(cfg), "cache": _plain(cache.attrs)}),
                     scale=scale_from_norms(d, *norms, cfg.normalisation)).to(dev)
+    center, mean_share = input_center(cache, cc)
+    centered = cfg.center is True or (cfg.center == "auto" and mean_share > MEAN_SHARE_CENTER)
+    if not centered:
+        center = None
+    log.info("input mean carries %.2f of E|x|^2: %s", mean_share, "training on x - E[x]" if centered else "not centred")
     median_init = cfg.init == "authors" and cfg.type == "batchtopk"    # b_dec from the first batch (step 0)
     opt = torch.optim.Adam(cc.parameters(), lr=lr, betas=(0.9, 0.999))
     tsf = torch.zeros(D, dtype=torch.long, device=dev)                  # tokens since each latent fired
@@ -466,6 +502,8 @@ def train(train_path: str | Path, val_path: str | Path | None, out: str | Path, 
             if h.shape[0] != cfg.batch_size:
                 break
             x = cc.normalize(h.to(dev, torch.float32))
+            if center is not None:
+                x = x - center
             if median_init and step == 0:
                 with torch.no_grad():
                     cc.b_dec.copy_(geometric_median(x))
@@ -502,7 +540,7 @@ def train(train_path: str | Path, val_path: str | Path | None, out: str | Path, 
                 if ctl is not None:
                     tm["mu"] = float(ctl.mu())                            # mu: auto's trajectory in dvclive
                 do_val = val_cache is not None and (cc.kind == "l1" or cc.threshold >= 0)
-                val_metrics = evaluate(cc, val_cache) if do_val else None
+                val_metrics = evaluate(cc, val_cache, center=center) if do_val else None
                 row = {"step": step, "train": tm, "val": val_metrics}
                 history.append(row)
                 live.step = step
@@ -527,13 +565,16 @@ def train(train_path: str | Path, val_path: str | Path | None, out: str | Path, 
     mu = float(ctl.mu()) if ctl else (float(cfg.mu) if cfg.type == "l1" else None)
     cc.cfg.extra["train"].update(lr=lr, mu=mu if mu is not None else cfg.mu,  # config.json: the values used
                                  init_norm=cc.cfg.init_norm, k_aux=cfg.resolved_k_aux(d),
-                                 auto=[k for k in ("lr", "mu") if getattr(cfg, k) == "auto"])
+                                 auto=[k for k in ("lr", "mu") if getattr(cfg, k) == "auto"], centered=centered)
+    if center is not None:
+        cc.fold_center(center)                                           # the saved model is plain eq. 1-2
     cc.save(out)
     last = history[-1] if history else {}
     n0, rec0, sp0 = early.tolist()
     metrics = {"train": last.get("train"), "val": last.get("val"), "steps": total, "tokens": total * cfg.batch_size,
                "dict_size": D, "kind": cfg.type, "k": cfg.k, "mu": mu, "lr": lr,
                "normalisation": cfg.normalisation, "scale": cc.scale.tolist(), "norm_ratio": norms[1] / norms[0],
+               "centered": centered, "mean_share": mean_share,
                "init": cfg.init, "init_norm": cc.cfg.init_norm, "aux_loss": cfg.aux_loss,
                "k_aux": cfg.resolved_k_aux(d) if cfg.type == "batchtopk" else None,
                "target_l0": cfg.k if cfg.type == "batchtopk" else cfg.target_l0, "target_fve": cfg.target_fve,
