@@ -130,17 +130,3 @@ def test_train_dtype_auto_resolves_and_rejects_unknown():
     with pytest.raises(ValueError, match="train_dtype"):
         resolve_train_dtype("float16")
 
-
-def test_retain_freed_memory_keeps_large_blocks_in_the_heap():
-    """After it, a freed 64 MB block is reused rather than unmapped (the next allocation lands in the heap)."""
-    import ctypes
-
-    from crossdiff.cli import retain_freed_memory
-    if not retain_freed_memory():
-        pytest.skip("not glibc: nothing to configure")
-    libc = ctypes.CDLL("libc.so.6")
-    libc.malloc.restype = ctypes.c_void_p
-    libc.sbrk.restype = ctypes.c_void_p
-    block = libc.malloc(64 << 20)
-    assert block is not None and libc.sbrk(0) - block >= 64 << 20  # below the program break: the heap, not mmap
-    libc.free(ctypes.c_void_p(block))

@@ -10,7 +10,6 @@ def main(argv=None) -> None:
     p.add_argument("--base", required=True, help="the base model's HF folder")
     p.add_argument("--out", required=True, help="results/models/{pair}: gets base/, chat/, data/, metrics.json")
     args, params = cli.parse(p, argv)
-    cli.retain_freed_memory()
     finetune_pair(args.base, args.out, params["finetune"])
 
 
