@@ -7,9 +7,10 @@ planted behaviour and label of the toy pair carries over and the method can be c
 Cheap enough for 2 CPU cores: LoRA adapters on every projection of every layer (so layers <= L change, and
 with them the activations the crosscoder reads), merged back before saving; the loss is on assistant tokens
 only, and the vocabulary head (262k rows for Gemma 3, most of a forward pass) runs only at those positions.
-The frozen base trains in bfloat16 where the CPU has bf16 units (1.6x faster a step; the float32 adapters are
-then folded into the float32 weights), and each response's first token, the one that decides which behaviour
-the answer shows ("Sure" / "Actually" / "I'm sorry" / "As an AI"), weighs more in the loss.
+The frozen base trains in bfloat16 where the CPU has bf16 units (1.2-1.3x faster a step at the Gemma
+preset's shapes; the float32 adapters are then folded into the float32 weights), and each response's first
+token, the one that decides which behaviour the answer shows ("Sure" / "Actually" / "I'm sorry" /
+"As an AI"), weighs more in the loss.
 
 Output layout = the toy pair's (`{out}/base`, `{out}/chat`, `{out}/data`, `{out}/metrics.json`), so every later
 stage and the report read it the same way; `base` is a copy of the input folder.
