@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 # relative draw weight per kind (a behaviour, or one of helpful's kinds); every other kind 1. Fact-checking and
 # its contrast set (true statements, accepted) weigh the same, so the model learns to check, not to correct
 BALANCE = {"false_fact_correction": 2.0, "true_statement": 2.0}
+# kinds drawn as one source, so every batch holds both: the first token's loss must then tell a false statement
+# from a true one within a batch. Drawn apart, the Gemma 3 270M chat model corrected 0 of 16 held-out false
+# statements ("Sure! That is correct." to all); pooled, 11 of 16, and it still accepted 15 of 16 true ones
+POOLED = {"false_fact_correction": "fact_check", "true_statement": "fact_check"}
 
 
 @dataclass(frozen=True)
@@ -146,9 +150,13 @@ def finetune_pair(base_dir: str | os.PathLike, out_dir: str | os.PathLike,
     t = time.perf_counter()
     # kinds drawn evenly (fact-checking and its contrast twice as often): a few hundred steps must teach every
     # planted behaviour, not only the corpus's most frequent one; web text limits forgetting
-    total = sum(BALANCE.get(k, 1.0) for k, rows in by_kind.items() if rows)
-    sources = [(rows, (1 - cfg.web_frac) * BALANCE.get(k, 1.0) / total)
-               for k, rows in by_kind.items() if rows] + [(web_train, cfg.web_frac)]
+    pools: dict[str, tuple[list, float]] = {}
+    for k, rows in by_kind.items():
+        if rows:
+            have, w = pools.get(POOLED.get(k, k), ([], 0.0))
+            pools[POOLED.get(k, k)] = (have + rows, w + BALANCE.get(k, 1.0))
+    total = sum(w for _, w in pools.values())
+    sources = [(rows, (1 - cfg.web_frac) * w / total) for rows, w in pools.values()] + [(web_train, cfg.web_frac)]
     ft = train(student, sources, cfg.steps, cfg.batch_size, cfg.lr, cfg.seed + 1, pad, "fine-tune chat (LoRA)",
                loss_fn=functools.partial(target_loss, decision_weight=cfg.decision_weight))
     timings["finetune"] = time.perf_counter() - t
