@@ -150,13 +150,14 @@ def finetune_pair(base_dir: str | os.PathLike, out_dir: str | os.PathLike,
     t = time.perf_counter()
     # kinds drawn evenly (fact-checking and its contrast twice as often): a few hundred steps must teach every
     # planted behaviour, not only the corpus's most frequent one; web text limits forgetting
-    pools: dict[str, tuple[list, float]] = {}
+    pools, weights = {}, {}
     for k, rows in by_kind.items():
         if rows:
-            have, w = pools.get(POOLED.get(k, k), ([], 0.0))
-            pools[POOLED.get(k, k)] = (have + rows, w + BALANCE.get(k, 1.0))
-    total = sum(w for _, w in pools.values())
-    sources = [(rows, (1 - cfg.web_frac) * w / total) for rows, w in pools.values()] + [(web_train, cfg.web_frac)]
+            pool = POOLED.get(k, k)
+            pools[pool] = pools.get(pool, []) + rows
+            weights[pool] = weights.get(pool, 0.0) + BALANCE.get(k, 1.0)
+    total = sum(weights.values())
+    sources = [(rows, (1 - cfg.web_frac) * weights[p] / total) for p, rows in pools.items()] + [(web_train, cfg.web_frac)]
     ft = train(student, sources, cfg.steps, cfg.batch_size, cfg.lr, cfg.seed + 1, pad, "fine-tune chat (LoRA)",
                loss_fn=functools.partial(target_loss, decision_weight=cfg.decision_weight))
     timings["finetune"] = time.perf_counter() - t
