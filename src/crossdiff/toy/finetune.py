@@ -42,8 +42,9 @@ from .tokenizer import END
 log = logging.getLogger(__name__)
 
 # relative draw weight per kind (a behaviour, or one of helpful's kinds); every other kind 1. Fact-checking and
-# its contrast set (true statements, accepted) weigh the same, so the model learns to check, not to correct
-BALANCE = {"false_fact_correction": 2.0, "true_statement": 2.0}
+# its contrast set (true statements, accepted) weigh the same, so the model learns to check, not to correct; they
+# weigh most because checking means recalling 54 facts, where every other behaviour is one surface pattern
+BALANCE = {"false_fact_correction": 3.0, "true_statement": 3.0}
 # kinds drawn as one source, so every batch holds both: the first token's loss must then tell a false statement
 # from a true one within a batch. Drawn apart, the Gemma 3 270M chat model corrected 0 of 16 held-out false
 # statements ("Sure! That is correct." to all); pooled, 11 of 16, and it still accepted 15 of 16 true ones
@@ -60,7 +61,7 @@ class FinetuneConfig:
     heldout_frac: float = 0.1
     multi_turn_frac: float = 0.2
     max_len: int = 128
-    steps: int = 300
+    steps: int = 350
     batch_size: int = 16
     lr: float = 1e-3
     web_frac: float = 0.1  # share of batches that are web text (limits forgetting)
