@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from crossdiff import lora, testing
 from crossdiff.toy.evaluate import collate
 from crossdiff.toy.finetune import FinetuneConfig, finetune_pair, target_loss
+from crossdiff.toy.head_loss import linear_cross_entropy
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +31,49 @@ def _rows(tok):
 
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3_text", "qwen2"])
 def test_target_loss_equals_hf_loss(arch, tiny_tokenizer):
-    """The head only at target positions (and Gemma 2's soft-cap) gives exactly the model's own loss."""
+    """The head only at target positions (and Gemma 2's soft-cap) gives exactly the model's own loss, and on
+    a frozen base with adapters (the chunked head) the adapters' gradients equal those of the model's loss."""
     model = testing.tiny_model(arch, tiny_tokenizer)
     ids, att, labels = _rows(tiny_tokenizer)
     ref = model(input_ids=ids, attention_mask=att, labels=labels).loss
     torch.testing.assert_close(target_loss(model, ids, att, labels), ref, rtol=1e-5, atol=1e-6)
+
+    params = lora.add_adapters(model, rank=4, alpha=8)           # freezes the base, head included
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.1)
+    ref = model(input_ids=ids, attention_mask=att, labels=labels).loss
+    want = torch.autograd.grad(ref, params)
+    got_loss = target_loss(model, ids, att, labels)
+    got = torch.autograd.grad(got_loss, params)
+    torch.testing.assert_close(got_loss, ref, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cap", [None, 3.0])
+def test_chunked_head_loss_equals_dense(dtype, cap):
+    """linear_cross_entropy over chunks (recomputed in backward, buffers reused) = the dense weighted CE of
+    cap(h Wᵀ) in value and in its gradient w.r.t. h, chunks of 64 over 300 positions (a ragged last chunk)."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(300, 16, generator=g).to(dtype).requires_grad_(True)
+    W = torch.randn(1000, 16, generator=g).to(dtype)
+    t = torch.randint(0, 1000, (300,), generator=g)
+    coef = torch.rand(300, generator=g)
+    coef /= coef.sum()
+    z = (h @ W.t()).float()
+    if cap:
+        z = cap * torch.tanh(z / cap)
+    want = (torch.nn.functional.cross_entropy(z, t, reduction="none") * coef).sum()
+    (gw,) = torch.autograd.grad(want, h)
+    got = linear_cross_entropy(h, W, t, coef, cap, chunk=64)
+    (gg,) = torch.autograd.grad(got, h)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-4)
+    torch.testing.assert_close(gg, gw, **tol)
+    with pytest.raises(ValueError, match="freeze"):
+        linear_cross_entropy(h, W.clone().requires_grad_(True), t)
 
 
 def test_adapters_start_at_the_base_and_merge_exactly(tiny_tokenizer):

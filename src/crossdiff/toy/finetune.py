@@ -37,6 +37,7 @@ from .. import io, lora
 from ..cli import seed_everything
 from . import evaluate
 from .build import _save, _threads, chat_rows, checked_dataclass, publish, staging_dir, train, web_rows, write_corpora
+from .head_loss import linear_cross_entropy
 from .tokenizer import END
 
 log = logging.getLogger(__name__)
@@ -80,19 +81,21 @@ class FinetuneConfig:
 
 def target_loss(model, ids, att, labels, decision_weight: float = 1.0):
     """Mean next-token cross-entropy at target positions, with the LM head applied only there; the first target
-    of every run of targets (an assistant turn's first token) weighs `decision_weight`, every other 1."""
+    of every run of targets (an assistant turn's first token) weighs `decision_weight`, every other 1. The
+    head runs a chunk of positions at a time (`head_loss`): a 262k-row head's logits are never whole."""
     hidden = model.get_decoder()(input_ids=ids, attention_mask=att).last_hidden_state[:, :-1]  # after final norm
     target = labels[:, 1:]
     keep = target != -100
-    logits = model.get_output_embeddings()(hidden[keep]).float()
-    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    if cap:  # Gemma 2 style soft-cap, as the model's own forward applies it
-        logits = cap * torch.tanh(logits / cap)
-    if decision_weight == 1.0:
-        return F.cross_entropy(logits, target[keep])
     first = keep & ~F.pad(keep[:, :-1], (1, 0), value=False)  # a target whose predecessor is not one
     w = 1.0 + (decision_weight - 1.0) * first[keep].float()
-    return (F.cross_entropy(logits, target[keep], reduction="none") * w).sum() / w.sum()
+    head = model.get_output_embeddings()
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)  # Gemma 2 style soft-cap
+    if getattr(head, "bias", None) is not None or head.weight.requires_grad:         # not the frozen plain head
+        logits = head(hidden[keep]).float()
+        if cap:
+            logits = cap * torch.tanh(logits / cap)
+        return (F.cross_entropy(logits, target[keep], reduction="none") * w).sum() / w.sum()
+    return linear_cross_entropy(hidden[keep], head.weight, target[keep], w / w.sum(), cap)
 
 
 def resolve_train_dtype(name: str) -> torch.dtype:
