@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 # relative draw weight per kind (a behaviour, or one of helpful's kinds); every other kind 1. Fact-checking and
 # its contrast set (true statements, accepted) weigh the same, so the model learns to check, not to correct; they
 # weigh most because checking means recalling 54 facts, where every other behaviour is one surface pattern
-BALANCE = {"false_fact_correction": 3.0, "true_statement": 3.0}
+BALANCE = {"false_fact_correction": 4.0, "true_statement": 4.0}
 # kinds drawn as one source, so every batch holds both: the first token's loss must then tell a false statement
 # from a true one within a batch. Drawn apart, the Gemma 3 270M chat model corrected 0 of 16 held-out false
 # statements ("Sure! That is correct." to all); pooled, 11 of 16, and it still accepted 15 of 16 true ones
@@ -72,7 +72,7 @@ class FinetuneConfig:
     max_new_tokens: int = 24
     threads: int = 0  # torch threads; 0 = all available cores
     train_dtype: str = "auto"  # the frozen base's dtype while training: auto | bfloat16 | float32
-    decision_weight: float = 4.0  # loss weight of each assistant turn's first token (1 = plain token mean)
+    decision_weight: float = 8.0  # loss weight of each assistant turn's first token (1 = plain token mean)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FinetuneConfig:
