@@ -18,16 +18,18 @@ CHUNK = 128   # positions per product: 128 x 262k x 4 B = 134 MB of float32 logi
 
 
 class _Buffers:
-    """(chunk, V) float32 logits and, for a low-precision head, a same-shape buffer in the head's dtype."""
+    """(rows, V) float32 logits and, for a low-precision head, a same-shape buffer in the head's dtype; grown
+    only when a call needs more rows (a batch's ragged last chunk reuses the full chunk's buffers)."""
 
     def __init__(self):
         self.key, self.z, self.low = None, None, None
 
     def get(self, n: int, weight: Tensor) -> tuple[Tensor, Tensor | None]:
-        key = (n, weight.shape[0], weight.dtype, weight.device)
-        if key != self.key:
-            self.z = torch.empty(n, weight.shape[0], dtype=torch.float32, device=weight.device)
-            self.low = None if weight.dtype == torch.float32 else torch.empty(n, weight.shape[0], dtype=weight.dtype,
+        key = (weight.shape[0], weight.dtype, weight.device)
+        if key != self.key or self.z.shape[0] < n:
+            V = weight.shape[0]
+            self.z = torch.empty(n, V, dtype=torch.float32, device=weight.device)
+            self.low = None if weight.dtype == torch.float32 else torch.empty(n, V, dtype=weight.dtype,
                                                                              device=weight.device)
             self.key = key
         return self.z[:n], (None if self.low is None else self.low[:n])
