@@ -152,7 +152,7 @@ def finetune_pair(base_dir: str | os.PathLike, out_dir: str | os.PathLike,
     log.info("chat fine-tune: %d adapter parameters on a %s base, %d chat / %d web training rows",
              sum(p.numel() for p in adapters), dtype, len(chat_train), len(web_train))
     t = time.perf_counter()
-    # kinds drawn evenly (fact-checking and its contrast twice as often): a few hundred steps must teach every
+    # kinds drawn evenly (fact-checking and its contrast BALANCE times as often): a few hundred steps must teach every
     # planted behaviour, not only the corpus's most frequent one; web text limits forgetting
     pools, weights = {}, {}
     for k, rows in by_kind.items():
