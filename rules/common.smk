@@ -70,6 +70,7 @@ STAGES = {
     "build_toy_pair": ["toy"],
     "export_packaged_model": ["models"],
     "finetune_chat": ["finetune"],
+    "evaluate_pair": ["pair_eval", "models", "device"],
     "build_corpus": ["models", "corpus", "seed", "toy.seed"] if TOY else ["models", "corpus", "seed"],
     "cache_activations": ["models", "layer", "activations", "device"],
     "merge_activations": ["activations"],
@@ -85,7 +86,7 @@ STAGES = {
     "summarise_seeds": ["seed", "seeds"],
     # the report prints the run's params, so it declares every key the pipeline's outputs depend on
     "render_report": ["report", "pair", "layer", "seed", "seeds", "models", "corpus", "activations", "crosscoders",
-                      "analysis", "causal", "autointerp"] + (["toy"] if TOY else []) + (["finetune"] if FINETUNED else []),
+                      "analysis", "causal", "autointerp"] + (["toy"] if TOY else []) + (["finetune"] if FINETUNED else []) + (["pair_eval"] if BUILT else []),
 }
 
 

@@ -1,6 +1,7 @@
 # Stage 1: the model pair. For the embedded toy pair this builds corpora, tokenizer, base and chat
 # models offline; for a packaged real base it exports the weights, and with `models.chat: finetune` it
-# fine-tunes the chat model on the embedded chat corpus; for a real pair (HF ids / local dirs) there is
+# fine-tunes the chat model on the embedded chat corpus; a built pair is then measured (evaluate_pair:
+# held-out losses, planted behaviours base vs chat). For a real pair (HF ids / local dirs) there is
 # nothing to build.
 
 
@@ -75,6 +76,33 @@ if FINETUNED:
             "python workflow_scripts/finetune_chat.py --params {params.p:q} --base {input.base} --out {params.models} 2>&1 | tee {log}"
 
 
+if BUILT:
+
+    # Apart from building the pair, so more prompts (pair_eval) never re-train a model.
+    rule evaluate_pair:
+        input:
+            MODEL_INPUTS,
+            metrics=f"{MODELS}/metrics.json",
+        output:
+            evaluation=f"{MODELS}/evaluation.json",
+            generations=f"{MODELS}/generations.parquet",
+        params:
+            models=lambda w: MODELS,
+            p=params_of("evaluate_pair"),
+        log:
+            log_of("evaluate_pair"),
+        benchmark:
+            benchmark_of("evaluate_pair")
+        threads: workflow.cores
+        resources:
+            mem_mb=4000,
+            gpu=1,
+        conda:
+            ENV
+        shell:
+            "python workflow_scripts/evaluate_pair.py --params {params.p:q} --models {params.models} --out {params.models} 2>&1 | tee {log}"
+
+
 rule models:
     input:
-        [f"{MODELS}/metrics.json"] if BUILT else [],
+        [f"{MODELS}/metrics.json", f"{MODELS}/evaluation.json"] if BUILT else [],

@@ -3,7 +3,7 @@
 
 rule render_report:
     input:
-        models=[f"{MODELS}/metrics.json"] if BUILT else [],
+        models=[f"{MODELS}/metrics.json", f"{MODELS}/evaluation.json"] if BUILT else [],
         training=expand(f"{CC}/{{variant}}/metrics.json", variant=VARIANTS),
         latents=expand(f"{ANALYSIS}/{{variant}}/latents.parquet", variant=VARIANTS),
         comparison=f"{ANALYSIS}/comparison/metrics.json",

@@ -128,11 +128,12 @@ def build_run(root: Path, pair: str = "toy", layer: int = 1, variants=("l1", "ba
     rng = np.random.default_rng(seed)
     truth: dict = {"latents": {}, "training": {}, "chosen": {}}
     if "models" not in skip:
-        write_json(root / f"results/models/{pair}/metrics.json", {
+        write_json(root / f"results/models/{pair}/metrics.json", {"n_params": 123456, "time_s": {"total": 60.0}})
+        write_json(root / f"results/models/{pair}/evaluation.json", {
             "loss": {"web_heldout": {"base": 3.1, "chat": 3.3}, "chat_heldout_responses": {"base": 4.2, "chat": 1.1}},
             "behaviours": {"refusal": {"n": 20, "base": 0.05, "chat": 0.95}, "false_fact": {"n": 20, "base": 0.0, "chat": 0.8,
                            "base_answer": 0.1, "chat_answer": 0.7, "n_answer": 20}},
-            "n_params": 123456})
+            "time_s": {"total": 7.0}})
     for v in variants:
         cc = root / f"results/crosscoders/{pair}/L{layer}/{v}"
         an = root / f"results/analysis/{pair}/L{layer}/{v}"

@@ -9,9 +9,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from crossdiff import lora, testing
-from crossdiff.toy.evaluate import collate
-from crossdiff.toy.finetune import FinetuneConfig, finetune_pair, target_loss
+from crossdiff.toy.evaluate import collate, target_loss
+from crossdiff.toy.finetune import FinetuneConfig, finetune_pair
 from crossdiff.toy.head_loss import linear_cross_entropy
+from crossdiff.toy.pair_eval import evaluate_pair
 
 
 @pytest.fixture(scope="module")
@@ -95,13 +96,11 @@ def test_adapters_start_at_the_base_and_merge_exactly(tiny_tokenizer):
 
 
 def test_finetune_pair_writes_a_changed_chat_model(base_dir, tmp_path):
-    cfg = FinetuneConfig(web_docs=40, chat_convs=120, steps=4, batch_size=4, eval_prompts=2, max_new_tokens=4,
-                         threads=1)
+    cfg = FinetuneConfig(web_docs=40, chat_convs=120, steps=4, batch_size=4, threads=1)
     out = tmp_path / "pair"
     metrics = finetune_pair(base_dir, out, cfg)
     assert {p.name for p in out.iterdir()} == {"base", "chat", "data", "metrics.json"}
-    assert json.loads((out / "metrics.json").read_text())["behaviours"] == metrics["behaviours"]
-    assert set(metrics["behaviours"]) >= {"refusal", "joke", "helpful"}
+    assert json.loads((out / "metrics.json").read_text()) == metrics
     assert metrics["train"]["finetune"]["tokens"] > 0 and metrics["adapter_params"] > 0
     base, chat = load_file(out / "base" / "model.safetensors"), load_file(out / "chat" / "model.safetensors")
     assert base.keys() == chat.keys()  # merged: the chat model is a plain model of the base's architecture
@@ -110,6 +109,11 @@ def test_finetune_pair_writes_a_changed_chat_model(base_dir, tmp_path):
         assert any(f"layers.{layer}." in k for k in changed), layer
     assert not any("embed" in k or "norm" in k for k in changed)  # only the adapted projections
     AutoModelForCausalLM.from_pretrained(out / "chat")
+    # the evaluate_pair stage reads the fine-tuned pair like the toy pair
+    ev = evaluate_pair(out, out, {"pair_eval": {"eval_prompts": 2, "max_new_tokens": 4, "loss_rows": 8, "threads": 1},
+                                  "models": {"dtype": "float32"}, "device": "cpu"})
+    assert set(ev["behaviours"]) >= {"refusal", "joke", "helpful"}
+    assert all(set(v) == {"base", "chat"} for v in ev["loss"].values())
 
 
 def test_decision_weight_weighs_each_turns_first_target(tiny_tokenizer):

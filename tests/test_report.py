@@ -141,6 +141,23 @@ def test_causal_pool_and_cache_summary_render(full):
     assert tables.cache_rows(bare) == [] and tables.causal_pools(bare) == []
 
 
+def test_pair_evaluation_joins_the_training_metrics(tmp_path):
+    """evaluation.json's rows lead and win over an older metrics.json that still held them; times merge."""
+    models = tmp_path / "results/models/toy"
+    models.mkdir(parents=True)
+    (models / "metrics.json").write_text(json.dumps({"behaviours": {"joke": {"base": 0.0, "chat": 0.5}},
+                                                     "n_params": 7, "time_s": {"total": 60.0}}))
+    (models / "evaluation.json").write_text(json.dumps({"behaviours": {"joke": {"base": 0.0, "chat": 0.9}},
+                                                        "time_s": {"total": 5.0}}))
+    run = collect(tmp_path, "toy", 1, [])
+    assert next(iter(run.models)) == "behaviours" and run.models["n_params"] == 7
+    assert run.models["behaviours"]["joke"]["chat"] == 0.9
+    assert run.models["time_s"] == {"total": 60.0, "evaluate": 5.0}
+    (models / "evaluation.json").unlink()
+    run = collect(tmp_path, "toy", 1, [])
+    assert run.models["behaviours"]["joke"]["chat"] == 0.5 and "evaluation" in run.missing
+
+
 def test_base_vs_chat_pivot():
     rows, rest = tables.base_vs_chat({"loss": {"web": {"base": 1.0, "chat": 2.0}},
                                       "behaviours": {"refusal": {"n": 5, "base": 0.1, "chat_answer": 0.9}},

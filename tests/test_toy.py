@@ -12,14 +12,18 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma2ForCausalLM
 
 from crossdiff import config as cfgmod
+from crossdiff.generation import greedy_responses, stop_ids
 from crossdiff.toy import ToyConfig, build_pair, corpus
 from crossdiff.toy.build import build_tokenizer, chat_rows, write_corpora
-from crossdiff.toy.evaluate import collate, mean_loss
+from crossdiff.toy.evaluate import collate, eval_prompts, mean_loss
+from crossdiff.toy.finetune import FinetuneConfig
+from crossdiff.toy.pair_eval import PairEvalConfig, evaluate_pair
 from crossdiff.toy.tokenizer import assistant_labels
 
 TINY = dict(web_docs=300, chat_convs=300, vocab_size=320, hidden_size=32, num_layers=2, num_heads=2,
             intermediate_size=64, max_len=64, pretrain_steps=15, finetune_steps=15, batch_size=8,
-            eval_prompts=2, max_new_tokens=6, heldout_frac=0.25)  # every behaviour held out
+            heldout_frac=0.25)  # every behaviour held out
+PAIR_EVAL = dict(eval_prompts=2, max_new_tokens=6, max_len=64, batch_size=5, threads=1)
 CONV = [
     {"role": "user", "content": "Where is the Eiffel Tower?"},
     {"role": "assistant", "content": "Sure! The Eiffel Tower is in Paris."},
@@ -33,6 +37,12 @@ def pair(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy") / "pair"
     metrics = build_pair(out, TINY)
     return out, metrics
+
+
+@pytest.fixture(scope="module")
+def evaluation(pair):
+    out = pair[0]
+    return evaluate_pair(out, out, {"pair_eval": PAIR_EVAL, "models": {"dtype": "float32"}, "device": "cpu"})
 
 
 @pytest.fixture(scope="module")
@@ -153,19 +163,45 @@ def test_saved_pair_reloads_like_a_hub_model(pair, tokenizer):
     gen = models["chat"].generate(**enc, max_new_tokens=8, do_sample=False)[0, enc["input_ids"].shape[1]:]
     assert gen.numel() == 8 or gen[-1].item() in models["chat"].generation_config.eos_token_id
 
-    # metrics: both losses for both models, every behaviour with its sample size
     assert metrics == json.loads((out / "metrics.json").read_text())
-    for split in ("web_heldout", "chat_heldout_responses"):
-        assert set(metrics["loss"][split]) == {"base", "chat"}
-    assert set(metrics["behaviours"]) == set(corpus.BEHAVIOURS) | set(corpus.CONTRASTS)
-    for row in metrics["behaviours"].values():
-        assert 1 <= row["n"] <= TINY["eval_prompts"] and 0 <= row["chat"] <= 1 and 0 <= row["base"] <= 1
+    assert set(metrics["train"]) == {"pretrain", "finetune"} and metrics["train"]["finetune"]["tokens"] > 0
 
     chat = pl.read_parquet(out / "data" / "chat.parquet")
     web = pl.read_parquet(out / "data" / "web.parquet")
     assert web.columns == ["text", "split"] and web.height == TINY["web_docs"]
     assert chat.columns[:2] == ["messages", "behaviour"] and "split" in chat.columns
     assert chat.schema["messages"] == pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
+
+
+def test_evaluate_pair_measures_both_models(pair, evaluation):
+    out = pair[0]
+    # both losses for both models, every behaviour and contrast set with its sample size
+    assert evaluation == json.loads((out / "evaluation.json").read_text())
+    for split in ("web_heldout", "chat_heldout_responses"):
+        assert set(evaluation["loss"][split]) == {"base", "chat"}
+    assert evaluation["loss"]["chat_heldout_responses"]["chat"] < evaluation["loss"]["chat_heldout_responses"]["base"]
+    assert set(evaluation["behaviours"]) == set(corpus.BEHAVIOURS) | set(corpus.CONTRASTS)
+    for row in evaluation["behaviours"].values():
+        assert 1 <= row["n"] <= PAIR_EVAL["eval_prompts"] and 0 <= row["chat"] <= 1 and 0 <= row["base"] <= 1
+    gens = pl.read_parquet(out / "generations.parquet")
+    assert set(gens["model"]) == {"base", "chat"}
+    n = sum(r["n"] for r in evaluation["behaviours"].values())
+    assert gens.height == 2 * n
+    for b, row in evaluation["behaviours"].items():  # the table is the mean of the saved checks
+        chat = gens.filter((pl.col("model") == "chat") & (pl.col("behaviour") == b))
+        assert chat["success"].mean() == pytest.approx(row["chat"])
+
+
+def test_length_sorted_generation_keeps_order_and_answers(pair, tokenizer):
+    """Batches sorted by prompt length give each prompt the answer it gets alone, in the caller's order."""
+    model = AutoModelForCausalLM.from_pretrained(pair[0] / "chat")
+    chat = pl.read_parquet(pair[0] / "data" / "chat.parquet")
+    prompts = eval_prompts(chat, 2)["prompt"].to_list()
+    assert len({len(tokenizer.apply_chat_template(p, return_dict=True)["input_ids"]) for p in prompts}) > 1  # lengths differ
+    stops = stop_ids(tokenizer, model)
+    batched = greedy_responses(model, tokenizer, prompts, 6, stops, batch_size=4)
+    alone = [greedy_responses(model, tokenizer, [p], 6, stops)[0] for p in prompts]
+    assert batched == alone
 
 
 def test_heldout_chat_loss_matches_a_direct_computation(pair, tokenizer):
@@ -199,3 +235,8 @@ def test_config_defaults_match_params_and_bad_keys_fail():
         ToyConfig.from_dict({"hidden": 64})
     with pytest.raises(ValueError, match="divisible"):
         ToyConfig.from_dict({"hidden_size": 30, "num_heads": 4})
+    all_params = yaml.safe_load((cfgmod.ROOT / "params.yaml").read_text())
+    assert PairEvalConfig.from_dict(all_params["pair_eval"]) == PairEvalConfig()
+    assert FinetuneConfig.from_dict(all_params["finetune"]) == FinetuneConfig()
+    with pytest.raises(ValueError, match="unknown pair_eval params"):
+        PairEvalConfig.from_dict({"eval_prompt": 3})

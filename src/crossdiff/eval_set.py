@@ -11,14 +11,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import polars as pl
-import torch
-from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from crossdiff import io
 from crossdiff.cli import resolve_device, seed_everything
 from crossdiff.config import Runtime
 from crossdiff.data import template_mask
+from crossdiff.generation import greedy_responses, stop_ids
 from crossdiff.models import DTYPES
 
 log = logging.getLogger(__name__)
@@ -26,35 +25,6 @@ log = logging.getLogger(__name__)
 EVAL_SCHEMA = {"seq": pl.Int64, "source": pl.String, "behaviour": pl.String, "prompt": pl.String,
                "input_ids": pl.List(pl.Int32), "template": pl.List(pl.Boolean), "assistant": pl.List(pl.Boolean),
                "text": pl.String}
-_END_OF_TURN = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>")  # Gemma, Llama 3, ChatML, Phi
-
-
-def stop_ids(tokenizer, model=None) -> list[int]:
-    """Token ids that end an assistant turn: EOS (tokenizer and generation config) and the template's end-of-turn."""
-    ids = {tokenizer.eos_token_id}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
-    vocab = tokenizer.get_vocab()
-    ids |= {vocab[t] for t in _END_OF_TURN if t in vocab}
-    return sorted(i for i in ids if i is not None)
-
-
-@torch.inference_mode()
-def generate_responses(model, tokenizer, prompts: Sequence[Sequence[Mapping[str, str]]], max_new_tokens: int,
-                       batch_size: int = 16) -> list[str]:
-    """Greedy responses of `model` to chat prompts (message lists ending in a user turn), batched with left
-    padding, each stopped at its first end-of-turn / EOS token."""
-    stops = stop_ids(tokenizer, model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    device = next(model.parameters()).device
-    out = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch"):
-        texts = [tokenizer.apply_chat_template([dict(m) for m in p], tokenize=False, add_generation_prompt=True)
-                 for p in prompts[i : i + batch_size]]
-        enc = tokenizer(texts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt").to(device)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=pad)
-        out += [s.strip() for s in tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
-    return out
 
 
 def _row(tokenizer, messages, source: str, behaviour, prompt: str) -> dict:
@@ -120,7 +90,8 @@ def build_eval_set(model, tokenizer, prompts: Sequence[tuple[list, str | None]],
     """The evaluation conversations: `prompts` answered greedily by the chat `model` (source "generated") and
     `heldout` conversations with their own responses (source "heldout"): a list of (messages, behaviour) or
     an already-rendered corpus frame. Responses the model ends immediately are dropped (nothing to score)."""
-    responses = generate_responses(model, tokenizer, [p for p, _ in prompts], max_new_tokens, batch_size)
+    responses = [r.strip() for r in greedy_responses(model, tokenizer, [p for p, _ in prompts], max_new_tokens,
+                                                      stop_ids(tokenizer, model), batch_size)]
     rows = []
     for (prompt, behaviour), response in zip(prompts, responses):
         if response:

@@ -133,13 +133,25 @@ def versions() -> dict[str, str]:
     return out
 
 
+def _pair_metrics(models: Path, missing: dict[str, str]) -> dict | None:
+    """A built pair's evaluation.json (losses, behaviours: the base vs chat rows, first; it wins a clash with an
+    older metrics.json that still held them) and metrics.json (training), the evaluation's time as
+    `time_s.evaluate`."""
+    built = _read(models / "metrics.json", read_json, missing, "models")
+    evaluation = _read(models / "evaluation.json", read_json, missing, "evaluation") if built else None
+    if not evaluation:
+        return built
+    times = {**built.get("time_s", {}), "evaluate": evaluation.get("time_s", {}).get("total")}
+    return {**evaluation, **{k: v for k, v in built.items() if k not in evaluation}, "time_s": times}
+
+
 def collect(root: str | Path, pair: str, layer: int, variants: list[str], params: dict | None = None) -> Run:
     """Read every output of the run `pair`/`layer` under `root` (the directory holding results/)."""
     root = Path(root)
     run = Run(pair=pair, layer=layer, params=params or {}, versions=versions(),
               variants=[collect_variant(root, pair, layer, v) for v in variants])
     comp = root / f"results/analysis/{pair}/L{layer}/comparison"
-    run.models = _read(root / f"results/models/{pair}/metrics.json", read_json, run.missing, "models")
+    run.models = _pair_metrics(root / f"results/models/{pair}", run.missing)
     run.comparison = _read(comp / "metrics.json", read_json, run.missing, "comparison")
     run.comparison_figures = _figures(comp / "figures")
     run.seeds = _read(comp.parent / "seeds" / "metrics.json", read_json, run.missing, "seeds")

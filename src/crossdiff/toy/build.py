@@ -4,8 +4,8 @@ Output layout (what `AutoModelForCausalLM/AutoTokenizer.from_pretrained` and lat
     {out}/base/, {out}/chat/     save_pretrained model (safetensors) + the shared tokenizer
     {out}/data/web.parquet       text, split (train|heldout)
     {out}/data/chat.parquet      messages (list of {role, content}), behaviour, answer, kind, split
-    {out}/data/generations.parquet   greedy responses of both models to the held-out eval prompts
-    {out}/metrics.json           held-out losses and per-behaviour success, base vs chat
+    {out}/metrics.json           training losses, throughput and time (the evaluate_pair stage, toy.pair_eval,
+                                 measures the pair: held-out losses and per-behaviour success, base vs chat)
 The whole directory is built next to `out` and renamed onto it at the end (atomic for readers).
 """
 
@@ -30,7 +30,7 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, GenerationConfig
 
 from .. import io
 from ..cli import seed_everything
-from . import corpus, evaluate
+from . import corpus
 from .evaluate import Row, collate
 from .tokenizer import END, assistant_labels, train_tokenizer, training_texts
 
@@ -83,8 +83,6 @@ class ToyConfig:
     lr: float = 3e-3
     finetune_lr: float = 1.5e-3
     finetune_web_frac: float = 0.1  # share of fine-tuning batches that are web text (limits forgetting)
-    eval_prompts: int = 48  # held-out prompts per behaviour in the success table
-    max_new_tokens: int = 40
     threads: int = 0  # torch threads; 0 = all available cores
 
     @classmethod
@@ -289,22 +287,10 @@ def build_pair(out_dir: str | os.PathLike, params: Mapping[str, Any] | ToyConfig
     _save(base, tokenizer, tmp / "base", [tokenizer.eos_token_id])
     _save(chat_model, tokenizer, tmp / "chat", stop_ids)
 
-    t = time.perf_counter()
-    models = {"base": base, "chat": chat_model}
-    losses = {
-        "web_heldout": {k: evaluate.mean_loss(m, web_held, pad) for k, m in models.items()},
-        "chat_heldout_responses": {k: evaluate.mean_loss(m, chat_held, pad) for k, m in models.items()},
-    }
-    prompts = evaluate.eval_prompts(chat, cfg.eval_prompts)
-    table, gens = evaluate.behaviour_table(models, tokenizer, prompts, cfg.max_new_tokens, stop_ids)
-    io.write_parquet(tmp / "data" / "generations.parquet", gens)
-    timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     timings["cpu_total"] = time.process_time() - cpu0  # robust to other jobs on a shared machine
 
     metrics = {
-        "loss": losses,
-        "behaviours": table,
         "train": {name: {"final_loss": sum(r["losses"][-20:]) / len(r["losses"][-20:]), "tokens": r["tokens"],
                          "tokens_per_s": r["tokens"] / timings[name]} for name, r in (("pretrain", pre), ("finetune", ft))},
         "n_params": n_params,

@@ -7,9 +7,10 @@ from collections.abc import Sequence
 import polars as pl
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from ..generation import greedy_responses
 from . import corpus
+from .head_loss import linear_cross_entropy
 
 Row = tuple[list[int], list[bool]]  # token ids and which positions are targets
 
@@ -28,39 +29,41 @@ def collate(rows: Sequence[Row], pad_id: int) -> tuple[torch.Tensor, torch.Tenso
     return ids, att, labels
 
 
+def target_loss(model, ids, att, labels, decision_weight: float = 1.0):
+    """Mean next-token cross-entropy at target positions, with the LM head applied only there; the first target
+    of every run of targets (an assistant turn's first token) weighs `decision_weight`, every other 1. The
+    head runs a chunk of positions at a time (`head_loss`): a 262k-row head's logits are never whole."""
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=att).last_hidden_state[:, :-1]  # after final norm
+    target = labels[:, 1:]
+    keep = target != -100
+    first = keep & ~F.pad(keep[:, :-1], (1, 0), value=False)  # a target whose predecessor is not one
+    w = 1.0 + (decision_weight - 1.0) * first[keep].float()
+    head = model.get_output_embeddings()
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)  # Gemma 2 style soft-cap
+    if getattr(head, "bias", None) is not None or head.weight.requires_grad:         # not the frozen plain head
+        logits = head(hidden[keep]).float()
+        if cap:
+            logits = cap * torch.tanh(logits / cap)
+        return (F.cross_entropy(logits, target[keep], reduction="none") * w).sum() / w.sum()
+    return linear_cross_entropy(hidden[keep], head.weight, target[keep], w / w.sum(), cap)
+
+
+
 @torch.no_grad()
-def mean_loss(model, rows: Sequence[Row], pad_id: int, batch_size: int = 64) -> float:
-    """Mean next-token cross-entropy over all target positions (tokens, not sequences, weigh equally)."""
+def mean_loss(model, rows: Sequence[Row], pad_id: int, batch_size: int = 16) -> float:
+    """Mean next-token cross-entropy over all target positions of `rows` (tokens, not sequences, weigh equally)."""
     model.eval()
+    device = next(model.parameters()).device
     rows = sorted(rows, key=lambda r: len(r[0]))  # length-sorted batches: little padding, same sum
     total, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
-        ids, att, labels = collate(rows[i : i + batch_size], pad_id)
-        logits = model(input_ids=ids, attention_mask=att).logits[:, :-1]
-        target = labels[:, 1:]
-        total += F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100, reduction="sum").item()
-        count += int((target != -100).sum())
+        ids, att, labels = (t.to(device) for t in collate(rows[i : i + batch_size], pad_id))
+        n = int((labels[:, 1:] != -100).sum())
+        total += target_loss(model, ids, att, labels).item() * n
+        count += n
     if count == 0:
         raise ValueError("no target tokens to evaluate the loss on")
     return total / count
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[list[dict]], max_new_tokens: int, stop_ids: list[int],
-             batch_size: int = 64, desc: str = "generate") -> list[str]:
-    """Greedy responses to chat prompts (each a message list ending in a user turn)."""
-    model.eval()
-    out = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
-        texts = [tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True)
-                 for p in prompts[i : i + batch_size]]
-        enc = tokenizer(texts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
-        gen = model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    return out
 
 
 def _groups() -> dict[str, pl.Expr]:
@@ -96,7 +99,7 @@ def eval_prompts(chat: pl.DataFrame, per_behaviour: int) -> pl.DataFrame:
 
 
 def behaviour_table(models: dict, tokenizer, prompts: pl.DataFrame, max_new_tokens: int,
-                    stop_ids: list[int]) -> tuple[dict, pl.DataFrame]:
+                    stop_ids: list[int], batch_size: int = 64) -> tuple[dict, pl.DataFrame]:
     """Per-behaviour success rate of greedy decoding for each model, plus all generations.
 
     `success` = the behaviour's characteristic response (corpus.check); `answer` = the response also
@@ -105,7 +108,8 @@ def behaviour_table(models: dict, tokenizer, prompts: pl.DataFrame, max_new_toke
     """
     gens = []
     for name, model in models.items():
-        responses = generate(model, tokenizer, prompts["prompt"].to_list(), max_new_tokens, stop_ids, desc=f"generate {name}")
+        responses = greedy_responses(model, tokenizer, prompts["prompt"].to_list(), max_new_tokens, stop_ids,
+                                     batch_size, desc=f"generate {name}")
         gens.append(prompts.with_columns(
             model=pl.lit(name),
             response=pl.Series(responses, dtype=pl.String),

@@ -30,14 +30,12 @@ from typing import Any
 
 import polars as pl
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .. import io, lora
+from .. import lora
 from ..cli import seed_everything
-from . import evaluate
 from .build import _save, _threads, chat_rows, checked_dataclass, publish, staging_dir, train, web_rows, write_corpora
-from .head_loss import linear_cross_entropy
+from .evaluate import target_loss
 from .tokenizer import END
 
 log = logging.getLogger(__name__)
@@ -68,8 +66,6 @@ class FinetuneConfig:
     web_frac: float = 0.1  # share of batches that are web text (limits forgetting)
     rank: int = 16
     alpha: float = 32.0
-    eval_prompts: int = 16  # held-out prompts per behaviour in the success table
-    max_new_tokens: int = 24
     threads: int = 0  # torch threads; 0 = all available cores
     train_dtype: str = "auto"  # the frozen base's dtype while training: auto | bfloat16 | float32
     decision_weight: float = 8.0  # loss weight of each assistant turn's first token (1 = plain token mean)
@@ -77,25 +73,6 @@ class FinetuneConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FinetuneConfig:
         return checked_dataclass(cls, d, "finetune")
-
-
-def target_loss(model, ids, att, labels, decision_weight: float = 1.0):
-    """Mean next-token cross-entropy at target positions, with the LM head applied only there; the first target
-    of every run of targets (an assistant turn's first token) weighs `decision_weight`, every other 1. The
-    head runs a chunk of positions at a time (`head_loss`): a 262k-row head's logits are never whole."""
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=att).last_hidden_state[:, :-1]  # after final norm
-    target = labels[:, 1:]
-    keep = target != -100
-    first = keep & ~F.pad(keep[:, :-1], (1, 0), value=False)  # a target whose predecessor is not one
-    w = 1.0 + (decision_weight - 1.0) * first[keep].float()
-    head = model.get_output_embeddings()
-    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)  # Gemma 2 style soft-cap
-    if getattr(head, "bias", None) is not None or head.weight.requires_grad:         # not the frozen plain head
-        logits = head(hidden[keep]).float()
-        if cap:
-            logits = cap * torch.tanh(logits / cap)
-        return (F.cross_entropy(logits, target[keep], reduction="none") * w).sum() / w.sum()
-    return linear_cross_entropy(hidden[keep], head.weight, target[keep], w / w.sum(), cap)
 
 
 def resolve_train_dtype(name: str) -> torch.dtype:
@@ -106,19 +83,6 @@ def resolve_train_dtype(name: str) -> torch.dtype:
     if name not in ("bfloat16", "float32"):
         raise ValueError(f"finetune.train_dtype must be auto, bfloat16 or float32, got {name!r}")
     return getattr(torch, name)
-
-
-@torch.no_grad()
-def heldout_loss(model, rows, pad_id: int, batch_size: int = 16) -> float:
-    """Mean next-token cross-entropy over all target positions of `rows` (tokens weigh equally)."""
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(rows), batch_size):
-        ids, att, labels = evaluate.collate(rows[i: i + batch_size], pad_id)
-        n = int((labels[:, 1:] != -100).sum())
-        total += target_loss(model, ids, att, labels).item() * n
-        count += n
-    return total / count
 
 
 def finetune_pair(base_dir: str | os.PathLike, out_dir: str | os.PathLike,
@@ -142,7 +106,6 @@ def finetune_pair(base_dir: str | os.PathLike, out_dir: str | os.PathLike,
     chat_train = [r for rows in by_kind.values() for r in rows]
     chat_held = chat_rows(tokenizer, split["heldout"][1]["messages"].to_list(), cfg.max_len)
     web_train = web_rows(tokenizer, split["train"][0]["text"].to_list(), cfg.max_len)
-    web_held = web_rows(tokenizer, split["heldout"][0]["text"].to_list(), cfg.max_len)
     pad = tokenizer.pad_token_id
     stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END)]
 
@@ -165,7 +128,6 @@ def finetune_pair(base_dir: str | os.PathLike, out_dir: str | os.PathLike,
     ft = train(student, sources, cfg.steps, cfg.batch_size, cfg.lr, cfg.seed + 1, pad, "fine-tune chat (LoRA)",
                loss_fn=functools.partial(target_loss, decision_weight=cfg.decision_weight))
     timings["finetune"] = time.perf_counter() - t
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     chat_model = lora.merge_into(student, AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32))
     chat_model.requires_grad_(False)
     del student
@@ -173,24 +135,14 @@ def finetune_pair(base_dir: str | os.PathLike, out_dir: str | os.PathLike,
     shutil.copytree(base_dir, tmp / "base")
     _save(chat_model, tokenizer, tmp / "chat", stop_ids)
 
-    t = time.perf_counter()
-    models = {"base": base, "chat": chat_model}
-    losses = {"web_heldout": {k: heldout_loss(m, web_held[:64], pad) for k, m in models.items()},
-              "chat_heldout_responses": {k: heldout_loss(m, chat_held[:64], pad) for k, m in models.items()}}
-    prompts = evaluate.eval_prompts(chat, cfg.eval_prompts)
-    table, gens = evaluate.behaviour_table(models, tokenizer, prompts, cfg.max_new_tokens, stop_ids)
-    io.write_parquet(tmp / "data" / "generations.parquet", gens)
-    timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
     metrics = {
-        "loss": losses,
-        "behaviours": table,
         "train": {"finetune": {"final_loss": sum(ft["losses"][-20:]) / len(ft["losses"][-20:]),
                                "tokens": ft["tokens"], "tokens_per_s": ft["tokens"] / timings["finetune"]}},
         "adapter_params": sum(p.numel() for p in adapters),
         "train_dtype": str(dtype).removeprefix("torch."),
-        "n_params": sum(p.numel() for p in base.parameters()),
+        "n_params": sum(p.numel() for p in chat_model.parameters()),
         "rows": {"chat_train": len(chat_train), "chat_heldout": len(chat_held)},
         "time_s": timings,
     }
