@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import parser, timeit, write_result  # noqa: E402  (after the sys.path insert that finds bench/common.py)
 
 from crossdiff.crosscoder import CrossCoder, CrossCoderConfig  # noqa: E402  (after the sys.path insert that finds bench/common.py)
-from crossdiff.train import TrainConfig, batchtopk_loss, l1_loss, recon_per_token  # noqa: E402  (after the sys.path insert that finds bench/common.py)
+from crossdiff.train import TrainConfig, adam, batchtopk_loss, l1_loss, recon_per_token  # noqa: E402  (after the sys.path insert that finds bench/common.py)
 
 
 def dense_loss(cc: CrossCoder, x, k):
@@ -68,12 +68,12 @@ def main(argv=None):
     cfg = TrainConfig(type="batchtopk", k=k, dead_tokens=10**12)
     static = dev.type != "cpu"
 
-    def make():
+    def make(optimizer):
         torch.manual_seed(0)
         cc = CrossCoder(CrossCoderConfig(d, D, "batchtopk", k=k)).to(dev)
-        return cc, torch.optim.Adam(cc.parameters(), lr=1e-4)
+        return cc, optimizer(cc.parameters(), lr=1e-4)
 
-    cc_o, opt_o = make()
+    cc_o, opt_o = make(adam)                      # the trainer's (fused) Adam
     tsf = torch.zeros(D, dtype=torch.long, device=dev)
 
     def ours():
@@ -83,7 +83,7 @@ def main(argv=None):
         torch.nn.utils.clip_grad_norm_(cc_o.parameters(), 1.0)
         opt_o.step()
 
-    cc_b, opt_b = make()
+    cc_b, opt_b = make(torch.optim.Adam)          # the authors' (multi-tensor) Adam
 
     def dense():
         loss = dense_loss(cc_b, x, k)

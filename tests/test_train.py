@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from crossdiff.cache import CacheError
 from crossdiff.crosscoder import CrossCoder, CrossCoderConfig
-from crossdiff.train import NonFiniteLoss, l1_loss, recon_per_token, train
+from crossdiff.train import NonFiniteLoss, adam, l1_loss, recon_per_token, train
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
 
@@ -149,3 +149,18 @@ def test_an_exactly_reconstructed_zero_row_keeps_the_gradient_finite():
     assert all(torch.isfinite(p.grad).all() for p in cc.parameters() if p.grad is not None)
     eps = torch.randn(3, 2, 8)
     assert torch.allclose(recon_per_token(eps, "norm"), 0.5 * eps.norm(dim=-1).sum(-1))  # unchanged elsewhere
+
+
+def test_fused_adam_follows_the_multi_tensor_adam():
+    """The trainer's fused Adam takes the steps torch's default Adam takes, to float rounding."""
+    torch.manual_seed(0)
+    w0 = torch.randn(64, 32)
+    ws = [w0.clone().requires_grad_(True) for _ in range(2)]
+    opts = [adam([ws[0]], 1e-2), torch.optim.Adam([ws[1]], lr=1e-2, betas=(0.9, 0.999))]
+    for step in range(20):
+        g = torch.randn(64, 32, generator=torch.Generator().manual_seed(step))
+        for w, opt in zip(ws, opts):
+            w.grad = g.clone()
+            opt.step()
+    assert not torch.equal(ws[0].detach(), w0)
+    torch.testing.assert_close(ws[0].detach(), ws[1].detach(), rtol=1e-5, atol=1e-6)

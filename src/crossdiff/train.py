@@ -338,6 +338,12 @@ def evaluate(cc: CrossCoder, cache, batch_size: int = 4096, limit: int | None = 
 
 
 # -- checkpoints (never pickled) ------------------------------------------------------------------
+def adam(params, lr: float) -> torch.optim.Adam:
+    """Adam (β = 0.9, 0.999) as one fused kernel per step: the default multi-tensor version makes a dozen passes
+    over the 2·(2d·D) weights, 6.5 ms of a 70 ms step at the bench shape against 1.5 ms fused (profiled, issue 19)."""
+    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=True)
+
+
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
     sd = opt.state_dict()
     tensors = {f"opt.{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items()}
@@ -465,7 +471,7 @@ def train(train_path: str | Path, val_path: str | Path | None, out: str | Path, 
         center = None
     log.info("input mean carries %.2f of E|x|^2: %s", mean_share, "training on x - E[x]" if centered else "not centred")
     median_init = cfg.init == "authors" and cfg.type == "batchtopk"    # b_dec from the first batch (step 0)
-    opt = torch.optim.Adam(cc.parameters(), lr=lr, betas=(0.9, 0.999))
+    opt = adam(cc.parameters(), lr)
     tsf = torch.zeros(D, dtype=torch.long, device=dev)                  # tokens since each latent fired
     early = torch.zeros(3, dtype=torch.float64, device=dev)             # first steps: count, Σ recon, Σ sparsity
     n_early = min(10, total)
