@@ -48,7 +48,6 @@ def target_loss(model, ids, att, labels, decision_weight: float = 1.0):
     return linear_cross_entropy(hidden[keep], head.weight, target[keep], w / w.sum(), cap)
 
 
-
 @torch.no_grad()
 def mean_loss(model, rows: Sequence[Row], pad_id: int, batch_size: int = 16) -> float:
     """Mean next-token cross-entropy over all target positions of `rows` (tokens, not sequences, weigh equally)."""
