@@ -1,7 +1,8 @@
 """BatchTopK crosscoder training step: ours (sparse decode + sparse backward) vs. a dense PyTorch step as the
 authors' dictionary_learning does it (scatter the batch top-k into a dense f, f @ W_dec, dense autograd).
 
-Same model, loss (eq. 6-9, recon = ‖ε‖₂), data, optimiser and threads, measured in the same run. No latent
+Same model, loss (eq. 6-9, recon = ‖ε‖₂), data and threads, measured in the same run; each side steps with its
+trainer's Adam (ours fused, `train.adam`; the authors' torch's multi-tensor default). No latent
 is dead at these step counts, so neither side pays for the aux loss. Also reports achieved GFLOP/s of our
 step against a plain matmul of the encoder's shape (the step's unavoidable dense part: the roofline), twice:
 `x @ W` as PyTorch runs it (a fresh N×D output, page-faulted in each call: the reference of earlier runs) and

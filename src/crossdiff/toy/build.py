@@ -266,8 +266,6 @@ def build_pair(out_dir: str | os.PathLike, params: Mapping[str, Any] | ToyConfig
     split = {s: (web.filter(pl.col("split") == s), chat.filter(pl.col("split") == s)) for s in ("train", "heldout")}
     web_train = web_rows(tokenizer, split["train"][0]["text"].to_list(), cfg.max_len)
     chat_train = chat_rows(tokenizer, split["train"][1]["messages"].to_list(), cfg.max_len)
-    web_held = web_rows(tokenizer, split["heldout"][0]["text"].to_list(), cfg.max_len)
-    chat_held = chat_rows(tokenizer, split["heldout"][1]["messages"].to_list(), cfg.max_len)
     pad = tokenizer.pad_token_id
     stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END)]
 
@@ -295,7 +293,7 @@ def build_pair(out_dir: str | os.PathLike, params: Mapping[str, Any] | ToyConfig
                          "tokens_per_s": r["tokens"] / timings[name]} for name, r in (("pretrain", pre), ("finetune", ft))},
         "n_params": n_params,
         "rows": {"web_train": len(web_train), "chat_train": len(chat_train),
-                 "web_heldout": len(web_held), "chat_heldout": len(chat_held)},
+                 "web_heldout": split["heldout"][0].height, "chat_heldout": split["heldout"][1].height},
         "time_s": timings,
     }
     publish(tmp, out, metrics)

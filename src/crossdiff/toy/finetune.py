@@ -104,7 +104,6 @@ def finetune_pair(base_dir: str | os.PathLike, out_dir: str | os.PathLike,
     by_kind = {k: chat_rows(tokenizer, train_chat.filter(pl.col("kind") == k)["messages"].to_list(), cfg.max_len)
                for k in sorted(set(train_chat["kind"].to_list()))}
     chat_train = [r for rows in by_kind.values() for r in rows]
-    chat_held = chat_rows(tokenizer, split["heldout"][1]["messages"].to_list(), cfg.max_len)
     web_train = web_rows(tokenizer, split["train"][0]["text"].to_list(), cfg.max_len)
     pad = tokenizer.pad_token_id
     stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END)]
@@ -143,7 +142,7 @@ def finetune_pair(base_dir: str | os.PathLike, out_dir: str | os.PathLike,
         "adapter_params": sum(p.numel() for p in adapters),
         "train_dtype": str(dtype).removeprefix("torch."),
         "n_params": sum(p.numel() for p in chat_model.parameters()),
-        "rows": {"chat_train": len(chat_train), "chat_heldout": len(chat_held)},
+        "rows": {"chat_train": len(chat_train), "chat_heldout": split["heldout"][1].height},
         "time_s": timings,
     }
     publish(tmp, out, metrics)

@@ -75,9 +75,8 @@ def evaluate_pair(models_dir: str | os.PathLike, out_dir: str | os.PathLike, par
     prompts = evaluate.eval_prompts(chat, cfg.eval_prompts)
     table, gens = evaluate.behaviour_table(models, tokenizer, prompts, cfg.max_new_tokens,
                                            stop_ids(tokenizer, models["chat"]), cfg.batch_size)
-    metrics = {"loss": losses, "behaviours": table,
-               "time_s": {"loss": t_loss, "generate": time.perf_counter() - t0 - t_loss,
-                          "total": time.perf_counter() - t0}}
+    total = time.perf_counter() - t0
+    metrics = {"loss": losses, "behaviours": table, "time_s": {"loss": t_loss, "generate": total - t_loss, "total": total}}
     io.write_parquet(out / "generations.parquet", gens)
     io.write_json(out / "evaluation.json", metrics)
     chat_row = {b: row.get("chat") for b, row in table.items()}
