@@ -70,9 +70,9 @@ def row(name: str, variant: str, m: dict, seconds: float, spec: dict) -> dict:
            "recall": cset["recall"], "recall_after_nu": robust["recall"], "chat_only_set": cset["n"],
            "bait_share_after_nu": bait_share, "fve": val.get("fve"), "l0": val.get("l0"),
            "bait_share_at_0.1": _bait_share(m, 0.1), "bait_share_at_0.5": _bait_share(m, 0.5),
-           "dead": 1 - m["n_alive"] / m["n_latents"], "steps": tr["steps"], "k": tr.get("k"), "mu": tr.get("mu"),
-           "target_fve": tr.get("target_fve"),
-           "health": tr["health"], "seconds": round(seconds, 1)}
+           "dead": 1 - m["n_alive"] / m["n_latents"], "opposed": tr.get("opposed_decoders"), "steps": tr["steps"],
+           "k": tr.get("k"), "mu": tr.get("mu"), "target_fve": tr.get("target_fve"),
+           "health": tr["health"], "health_reasons": tr.get("health_reasons"), "seconds": round(seconds, 1)}
     if tr["kind"] == "batchtopk":
         out["pass"] = cset["recall"] >= BARS["recall"] and bait_share <= BARS["bait_share"]
     else:
@@ -81,7 +81,7 @@ def row(name: str, variant: str, m: dict, seconds: float, spec: dict) -> dict:
 
 
 COLUMNS = ("set", "true_l0", "variant", "recall", "bait_share_after_nu", "bait_share_at_0.1", "fve", "l0", "dead",
-           "steps", "seconds", "pass")
+           "opposed", "health", "steps", "seconds", "pass")
 
 
 def markdown(rows: list[dict]) -> str:
@@ -102,7 +102,7 @@ def markdown(rows: list[dict]) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default="params.yaml")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="the JSON to write (required unless --markdown)")
     p.add_argument("--sets", nargs="*", default=None, help=f"subset of {[s[0] for s in SETS]}")
     p.add_argument("--n-tokens", type=int, default=200_000)
     p.add_argument("--device", default="cpu")
@@ -115,6 +115,8 @@ def main(argv=None) -> None:
         with open(args.markdown) as f:
             print(markdown(json.load(f)["rows"]))
         return
+    if not args.out:
+        p.error("--out is required (unless --markdown)")
     with open(args.params) as f:
         params = yaml.safe_load(f)
     for o in args.overrides:

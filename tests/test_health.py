@@ -47,7 +47,7 @@ def reasons(m, check):
 
 # -- pure checks ---------------------------------------------------------------------------------
 GOOD = {"val": {"fve": 0.85, "dead": 0.1, "l0": 20.0}, "train": {"fve": 0.8}, "target_l0": 20,
-        "loss_trend": {"early": 10.0, "final": 4.0}}
+        "loss_trend": {"early": 10.0, "final": 4.0}, "opposed_decoders": 0.01}
 
 
 @pytest.mark.parametrize("change, check", [
@@ -58,6 +58,7 @@ GOOD = {"val": {"fve": 0.85, "dead": 0.1, "l0": 20.0}, "train": {"fve": 0.8}, "t
     ({"loss_trend": {"early": 10.0, "final": 9.9}}, "loss_trend"),
     ({"loss_trend": {"early": 10.0, "final": math.nan}}, "loss_trend"),
     ({"val": {"fve": math.nan, "dead": 0.1, "l0": 20.0}}, "fve"),
+    ({"opposed_decoders": 0.2}, "opposed"),
 ])
 def test_each_check_fails_alone(change, check):
     assert health.assess(GOOD) == {"health": "pass", "health_reasons": []}
@@ -74,6 +75,24 @@ def test_thresholds_are_params_and_fallbacks():
         health.thresholds({"min_fev": 0.5})
     with pytest.raises(ValueError, match="min_fev"):
         TrainConfig.from_params(dict(type="l1", mu=0.1, health={"min_fev": 0.5}))
+
+
+def test_opposed_share_counts_opposite_halves_neither_negligible():
+    """Brute force over hand-made latents: aligned, one half ~0, opposed at several norm ratios."""
+    g = torch.Generator().manual_seed(0)
+    u = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=1)
+    base = torch.stack([u[0], 0.01 * u[1], -0.5 * u[2], -0.1 * u[3], -3.0 * u[4], torch.zeros(8)])
+    chat = torch.stack([u[0], u[1], u[2], u[3], u[4], u[5]])
+    # shared (aligned), chat-only, opposed at 0.5, opposed at 0.1 (Δnorm 0.95: chat-only), opposed at 1/3, chat-only
+    expect = [False, False, True, False, True, False]
+    W = torch.stack([base, chat])
+    assert health.opposed_share(W) == pytest.approx(sum(expect) / 6)
+    for j, e in enumerate(expect):                                    # each latent alone, by definition
+        nb, nc = base[j].norm(), chat[j].norm()
+        cos = float(base[j] @ chat[j] / (nb * nc)) if nb * nc > 0 else 0.0
+        ratio = float(min(nb, nc) / max(nb, nc))
+        assert (cos < health.OPPOSED_COS and ratio >= health.OPPOSED_RATIO) == e
+        assert health.opposed_share(W[:, j:j + 1]) == float(e)
 
 
 def test_banner_and_strict(caplog):
@@ -102,6 +121,20 @@ def test_mu_far_too_high_fails_fve_dead_and_l0(planted, tmp_path):
     for check in ("fve", "dead", "l0"):
         assert reasons(m, check), (check, m["health_reasons"])
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["health"] == "fail"
+
+
+def test_k_far_above_a_crowded_sets_l0_fails_opposed(tmp_path):
+    """16 features per dimension, L0 ≈ 2.6, k = 32: the latents become mixtures whose base and chat halves
+    point opposite ways (13% of them here; the planted set's normal run above has ~2%)."""
+    n = dict(shared=168, chat_only=22, base_only=22, shrinkage=22, decoupled=22)
+    spec = SyntheticSpec(d_model=16, n_tokens=32768, feature_rate=0.01, shrinkage_ratio=0.1, decoupled_share=0.5,
+                         noise=0.05, n_features=n)
+    gt = make_features(spec)
+    tr = write_synthetic_cache(tmp_path / "train.h5", gt, "train", 32768)
+    va = write_synthetic_cache(tmp_path / "val.h5", gt, "val", 8192)
+    m = train(tr, va, tmp_path / "o", dict(BTK, k=32, dict_size=256, min_steps=1000), progress=False)
+    assert m["opposed_decoders"] > 2 * health.DEFAULTS["max_opposed"], m["opposed_decoders"]
+    assert reasons(m, "opposed"), m["health_reasons"]
 
 
 def test_no_learning_fails_the_loss_trend(planted, tmp_path):

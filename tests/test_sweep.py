@@ -60,6 +60,7 @@ def test_point_params_change_only_the_swept_keys():
 
 def _point(s: int, x: int, fve: float, l0: float, dead: float = 0.1) -> dict:
     return {"val": {"fve": fve, "l0": l0, "dead": dead}, "steps": 10, "dict_size": 16 * x, "health": "pass",
+            "opposed_decoders": s / 100,
             "sweep": {"knob": "k", "sparsity": s, "expansion": x, "chat_only": 3, "time_s": 1.5}}
 
 
@@ -80,6 +81,7 @@ def test_aggregate_table_front_and_chosen(tmp_path):
     assert df.height == 4 and df["chosen"].to_list() == [False, False, False, True]
     assert df.filter("on_front").select("sparsity", "expansion").rows() == [(4, 4), (8, 4)]
     assert m["front"] == ["k4-x4", "k8-x4"] and m["chosen_in_grid"] and m["points"]["k8-x2"]["l0"] == 8.0
+    assert df["opposed"].to_list() == [0.04, 0.04, 0.08, 0.08] and m["points"]["k8-x2"]["opposed"] == 0.08
     assert pl.read_csv(tmp_path / "out" / "front.tsv", separator="\t").height == 4
     assert (tmp_path / "out" / "figures" / "front.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="same"):
@@ -102,6 +104,7 @@ def test_report_shows_the_front_only_when_asked(tmp_path):
         text = render_report(run, tmp_path / f"report{include}", max_latents=3, examples_per_latent=2).read_text()
         assert ('id="sweep-table"' in text) == include
     assert text.count("<td>✓</td>") == 2 and "not in the grid" in text and "front.png" in text
+    assert ">opposed</th>" in text and '<td class="num">8.0%</td>' in text          # k = 8: opposed 0.08
 
 
 def test_dvc_sees_the_sweep_only_when_tracked():

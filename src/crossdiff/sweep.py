@@ -4,7 +4,8 @@ Why: the right k (BatchTopK) or target L0 (L1 with `mu: auto`) and the dictionar
 one run says nothing about whether a sparser or larger dictionary would reconstruct as well (issue 17). Each
 point is the params' `crosscoders:` entry named by `sweep.variant` with only the swept keys replaced, trained by
 the normal trainer (`crossdiff.train.train`) on the pipeline's activation cache, then scored on the val cache:
-FVE, L0 and dead fraction (the trainer's own validation) and the live Δnorm chat-only class count (eq. 4).
+FVE, L0 and dead fraction (the trainer's own validation), the share of opposed latents (crossdiff.health: a sign
+of k above the data's L0) and the live Δnorm chat-only class count (eq. 4).
 `aggregate` gathers the points into one table, marks the Pareto front (no other point has at least the FVE at
 no more L0, one of them strictly) and the params' own point ("chosen"), and draws the front.
 """
@@ -134,7 +135,7 @@ def table(points: Sequence[Mapping], chosen_point: tuple[int | None, int]) -> pl
             raise ValueError("a sweep point's metrics.json has no `sweep` block (not written by crossdiff.sweep)")
         rows.append({"sparsity": sw["sparsity"], "expansion": sw["expansion"], "dict_size": m.get("dict_size"),
                      "steps": m.get("steps"), "fve": _num(val.get("fve")), "l0": _num(val.get("l0")),
-                     "dead": _num(val.get("dead")),
+                     "dead": _num(val.get("dead")), "opposed": _num(m.get("opposed_decoders")),
                      "chat_only": sw.get("chat_only"), "time_s": float(sw["time_s"]), "health": m.get("health")})
     if not rows:
         raise ValueError("no sweep points to aggregate")
@@ -163,7 +164,7 @@ def aggregate(point_files: Sequence[str | Path], out: str | Path, entry: Mapping
                "chosen_in_grid": bool(df["chosen"].any()), "n_points": df.height,
                "front": [f"{prefix}{r['sparsity']}-x{r['expansion']}" for r in df.filter("on_front").iter_rows(named=True)],
                "points": {f"{prefix}{r['sparsity']}-x{r['expansion']}":
-                          {k: r[k] for k in ("fve", "l0", "dead", "chat_only", "time_s", "on_front")}
+                          {k: r[k] for k in ("fve", "l0", "dead", "opposed", "chat_only", "time_s", "on_front")}
                           for r in df.iter_rows(named=True)}}
     write_json(out / "metrics.json", metrics)
     return metrics

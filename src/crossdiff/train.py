@@ -584,7 +584,8 @@ def train(train_path: str | Path, val_path: str | Path | None, out: str | Path, 
                "init": cfg.init, "init_norm": cc.cfg.init_norm, "aux_loss": cfg.aux_loss,
                "k_aux": cfg.resolved_k_aux(d) if cfg.type == "batchtopk" else None,
                "target_l0": cfg.k if cfg.type == "batchtopk" else cfg.target_l0, "target_fve": cfg.target_fve,
-               "threshold": float(cc.threshold), "tokens_per_s": (step - start) * cfg.batch_size / max(elapsed, 1e-9),
+               "threshold": float(cc.threshold), "opposed_decoders": health.opposed_share(cc.W_dec),
+               "tokens_per_s": (step - start) * cfg.batch_size / max(elapsed, 1e-9),
                "loss_trend": {"early": objective({"recon": rec0 / n0, "sparsity": sp0 / n0}, cfg.type, mu or 0.0),
                               "final": objective(last["train"], cfg.type, mu or 0.0)} if n0 and last else None}
     metrics.update(health.assess(metrics, cfg.health))

@@ -243,16 +243,19 @@ def truth_delta_norm_by_kind(path: str | Path, runs: Mapping[str, tuple], bands:
 
 def sweep_front(path: str | Path, table: pl.DataFrame, knob: str = "k", title: str = "") -> Path:
     """Left: val FVE vs L0 of every sweep point (colour = expansion, label = its k or target L0), the Pareto
-    front as a line, the params' own point ringed. Right: the dead fraction of each point against its L0.
+    front as a line, the params' own point ringed. Right: the dead fraction (dotted) and the opposed share
+    (dashed: latents whose base and chat decoders point opposite ways, crossdiff.health) against L0.
 
-    `table`: crossdiff.sweep.table (sparsity, expansion, fve, l0, dead, on_front, chosen)."""
+    `table`: crossdiff.sweep.table (sparsity, expansion, fve, l0, dead, opposed, on_front, chosen)."""
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     colours = PALETTE["series"]
     for i, x in enumerate(sorted(table["expansion"].unique().to_list())):
         t = table.filter(pl.col("expansion") == x).sort("l0")
         c = colours[i % len(colours)]
-        for a, y in ((ax, "fve"), (ax2, "dead")):
-            a.plot(t["l0"].to_numpy(), t[y].to_numpy(), "o:", color=c, ms=6, lw=0.8, label=f"expansion {x}")
+        for a, y, name in ((ax, "fve", ""), (ax2, "dead", "dead, ")):
+            a.plot(t["l0"].to_numpy(), t[y].to_numpy(), "o:", color=c, ms=6, lw=0.8, label=f"{name}expansion {x}")
+        ax2.plot(t["l0"].to_numpy(), t["opposed"].to_numpy(), "s--", color=c, ms=4, lw=0.8,
+                 label=f"opposed, expansion {x}")
         for r in t.iter_rows(named=True):
             ax.annotate(f"{knob}={r['sparsity']}", (r["l0"], r["fve"]), fontsize=7, xytext=(4, -9),
                         textcoords="offset points")
@@ -271,7 +274,9 @@ def sweep_front(path: str | Path, table: pl.DataFrame, knob: str = "k", title: s
         a.set_xlabel("val L0 (active latents per token)")
     ax.set(ylabel="val FVE", title=(title or f"FVE vs L0 over {knob} × expansion")
            + ("" if pick.height else "\n(the params' own point is not in the grid)"))
-    ax2.set(ylabel="dead fraction (val)", title="dead latents", ylim=(0, max(0.05, float(table["dead"].max() or 0)) * 1.1))
+    top = np.nanmax(table.select("dead", "opposed").to_numpy(), initial=0.05)
+    ax2.set(ylabel="share of latents", title="dead (dotted) and opposed (dashed) latents", ylim=(0, top * 1.1))
     ax.legend(fontsize=7)
+    ax2.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
