@@ -439,37 +439,44 @@ class _SparseDecode(torch.autograd.Function):
     """Σ_j f_j d_j^m over the selected entries only (eq. 7-8 without the bias), for both models.
 
     Forward: F_csr @ W_dec[m]. Backward: ∂f = Σ_m SDDMM(G_m, W_dec[m]) at the selected entries,
-    ∂W_dec[m] = F_csrᵀ G_m. Cost O(#entries · d) instead of O(N · D · d).
+    ∂W_dec[m] = F_csrᵀ G_m. Cost O(#entries · d) instead of O(N · D · d). One product per model, each on
+    W_dec[m] as stored and writing into the gradient's own slice: a single [d^base | d^chat] product
+    needs W_dec permuted to (D, 2d), a copy of the whole decoder each way (measured on the H200 at the
+    paper's shape: 0.65 ms per copy, as much as the product).
     """
 
     @staticmethod
     def forward(ctx, values, W_dec, sel: Selection):
         M, D, d = W_dec.shape
-        W = W_dec.permute(1, 0, 2).reshape(D, M * d)                    # [d_j^base | d_j^chat]: one product
-        ctx.sel, ctx.md = sel, (M, d)
-        ctx.save_for_backward(values, W)
+        ctx.sel = sel
+        ctx.save_for_backward(values, W_dec)
+        out = torch.empty(sel.n, M, d, dtype=W_dec.dtype, device=W_dec.device)
         with serial(values, values.numel() * M * d):
-            return (sel.csr(values) @ W).view(-1, M, d)
+            F = sel.csr(values)
+            for m in range(M):
+                torch.mm(F, W_dec[m], out=out[:, m])
+        return out
 
     @staticmethod
     def backward(ctx, g):
-        values, W = ctx.saved_tensors
+        values, W_dec = ctx.saved_tensors
         sel: Selection = ctx.sel
-        g = g.reshape(g.shape[0], -1).contiguous()                      # (N, M·d), matches W's columns
         gv = gW = None
-        with serial(g, values.numel() * W.shape[1]):
-            if ctx.needs_input_grad[0]:                                 # SDDMM: ∂f_nj = g_n · [d_j^base | d_j^chat]
+        with serial(g, values.numel() * g[0].numel()):
+            if ctx.needs_input_grad[0]:                                 # SDDMM: ∂f_nj = Σ_m g_n^m · d_j^m
                 pattern = sel.csr(torch.zeros_like(values))
-                gv = torch.sparse.sampled_addmm(pattern, g, W.t(), beta=0.0).values()
+                gv = sum(torch.sparse.sampled_addmm(pattern, g[:, m].contiguous(), W_dec[m].t(), beta=0.0).values()
+                         for m in range(W_dec.shape[0]))
             if ctx.needs_input_grad[1]:
-                gW = sel.csr_t(values) @ g                              # (D, M·d) = Fᵀ G
-                gW = gW.view(W.shape[0], *ctx.md).permute(1, 0, 2)          # (M, D, d) like W_dec
+                gW = torch.empty_like(W_dec)
+                Ft = sel.csr_t(values)
+                for m in range(W_dec.shape[0]):
+                    torch.mm(Ft, g[:, m], out=gW[m])                    # (D, d) = Fᵀ G_m
         return gv, gW, None
 
 
-def selected_acts(cc: CrossCoder, x: Tensor, f: Tensor, sel: Selection, mask: Tensor | None = None,
-                  w: Tensor | None = None) -> Tensor:
-    """f at the selected entries (E,), with the sparse encoder backward; `mask` zeroes entries (and their grads).
+def selected_acts(cc: CrossCoder, x: Tensor, f: Tensor, sel: Selection, w: Tensor | None = None) -> Tensor:
+    """f at the selected entries (E,), with the sparse encoder backward.
 
     With `w` (the latent weights), `f` holds v = f·w (A.1) and the values are recovered as v / w, so the
     trainer keeps a single (N, D) buffer. A latent with w = 0 has v = 0 and gets value 0 (its decoder is
@@ -480,8 +487,6 @@ def selected_acts(cc: CrossCoder, x: Tensor, f: Tensor, sel: Selection, mask: Te
     if w is not None:
         wc = w[sel.cols]
         values = torch.where(wc > 0, values.clamp_min(0) / wc, 0.0)    # eq. 1 ReLU, f = v / w
-    if mask is not None:
-        values = values * mask
     return _SelectedActs.apply(values, x.reshape(x.shape[0], -1), cc.W_enc, cc.b_enc, sel)
 
 
