@@ -23,11 +23,12 @@ from crossdiff.crosscoder import CrossCoder, CrossCoderConfig  # noqa: E402  (af
 from crossdiff.scaling import ScalingStats, latent_scaling  # noqa: E402  (after the sys.path insert that finds bench/common.py)
 
 
-def make(d: int, D: int, l0: int, n: int, batch: int, seed: int = 0):
-    """A BatchTopK crosscoder with random weights whose θ gives mean L0 ≈ l0, and raw activation batches."""
+def make(d: int, D: int, l0: int, n: int, batch: int, seed: int = 0, device: str = "cpu"):
+    """A BatchTopK crosscoder with random weights whose θ gives mean L0 ≈ l0, and raw activation batches,
+    built on `device`."""
     torch.manual_seed(seed)
-    cc = CrossCoder(CrossCoderConfig(d, D, "batchtopk", k=l0))
-    with torch.no_grad():
+    with torch.device(device), torch.no_grad():
+        cc = CrossCoder(CrossCoderConfig(d, D, "batchtopk", k=l0))
         cc.W_enc.normal_(0, (2 * d) ** -0.5)
         cc.W_dec.normal_(0, d ** -0.5)
         cc.b_dec.normal_(0, 0.1)

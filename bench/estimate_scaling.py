@@ -13,7 +13,10 @@ accumulators (6·D); the measured peak RSS growth at the two sizes is printed ne
 
 import resource
 import sys
+from functools import partial
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scaling import make  # noqa: E402  (after the sys.path insert that finds bench/)
@@ -31,11 +34,18 @@ def counted_bytes(d: int, D: int, batch: int) -> int:
     return 4 * (2 * 2 * d * D) + 4 * (2 * batch * D) + 4 * batch * 2 * d + 8 * 6 * D
 
 
-def measure(d: int, D: int, l0: int, tokens: int, batch: int) -> dict:
+def measure(d: int, D: int, l0: int, tokens: int, batch: int, device: str = "cpu") -> dict:
+    """Time and memory of one all-latent pass; memory is the peak RSS growth on CPU, the allocator's peak
+    (weights and batches included) on CUDA."""
+    cuda = torch.device(device).type == "cuda"
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    cc, batches = make(d, D, l0, tokens, batch)
-    seconds = timeit(lambda: latent_scaling(cc, batches, progress=False), repeat=2)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20 - rss0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    cc, batches = make(d, D, l0, tokens, batch, device=device)
+    seconds = timeit(partial(latent_scaling, cc, batches, progress=False), repeat=2)
+    rss = (torch.cuda.max_memory_allocated() / GIB if cuda
+           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20 - rss0)
+    del cc, batches
     per = seconds / (tokens * d * D)
     flops = tokens * (2 * 2 * d * D + 2 * 2 * 2 * d * l0)
     print(f"d={d} D={D} tokens={tokens}: {seconds:.2f} s, {tokens / seconds:,.0f} tokens/s, "
@@ -52,10 +62,12 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--batch", type=int, default=2048)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--sizes", nargs=2, default=["256,4096,8", "512,8192,12"], metavar="d,D,L0",
+                   help="the two sizes measured (on a GPU: larger, up to the paper's own 2304,73728,100)")
     args = p.parse_args()
-    # two sizes with the paper's L0/D (100/73,728) kept roughly constant; d·D grows 4x between them
-    small = measure(256, 4096, 8, args.tokens, args.batch)
-    large = measure(512, 8192, 12, args.tokens, args.batch)
+    # two sizes with the paper's L0/D (100/73,728) kept roughly constant; d·D grows 4x between them by default
+    small, large = (measure(*map(int, s.split(",")), args.tokens, args.batch, args.device) for s in args.sizes)
     per = large["seconds_per_token_dD"]  # the larger size is closer to BLAS's steady state
     drift = large["seconds_per_token_dD"] / small["seconds_per_token_dD"]
     paper_s = per * PAPER["tokens"] * PAPER["d"] * PAPER["D"]
