@@ -79,13 +79,13 @@ def make(d: int, D: int, k: int, dev, optimizer):
 
 def measure_ours(x, k: int, repeat: int, dead_share: float = 0.0, profile: bool = False) -> dict:
     """Our training step (loss, backward, clip, fused Adam) as the trainer runs it on CUDA, timed whole and by
-    phase; `dead_share` of the latents count as dead, so the aux loss (A.1) runs too."""
+    phase; `dead_share` of the latents start dead, so the aux loss (A.1) runs too (one that fires revives)."""
     n, _, d = x.shape
     dev, D = x.device, QUICK[1] if d == QUICK[0] else PAPER[1]
     cc, opt = make(d, D, k, dev, adam)
     cfg = TrainConfig(type="batchtopk", k=k, dead_tokens=10**12)
     tsf = torch.zeros(D, dtype=torch.long, device=dev)
-    tsf[: int(dead_share * D)] = 10**13                                # never reset: no dead latent fires
+    tsf[: int(dead_share * D)] = 10**13                                # dead until it fires
 
     def loss():
         return batchtopk_loss(cc, x, k, tsf, cfg, autocast=True)["loss"]
