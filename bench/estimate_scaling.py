@@ -74,12 +74,13 @@ def main():
     paper_flops = PAPER["tokens"] * (2 * 2 * PAPER["d"] * PAPER["D"] + 2 * 2 * 2 * PAPER["d"] * PAPER["l0"])
     result = {
         "measured": [small, large], "linearity_drift": drift, "machine": machine(),
-        "paper": {**PAPER, "cpu_hours_here": paper_s / 3600, "tflop": paper_flops / 1e12,
+        "paper": {**PAPER, "hours_here": paper_s / 3600, "tflop": paper_flops / 1e12,
                   "memory_gib_batch_2048": counted_bytes(PAPER["d"], PAPER["D"], 2048) / GIB,
                   "gpu_hours_at": {f"{tf} TFLOP/s": paper_flops / (tf * 1e12) / 3600 for tf in (100, 400)}},
     }
     print(f"time per token·d·D: large/small = {drift:.2f} (1.0 = linear). Paper scale: {paper_flops / 1e12:,.0f} TFLOP, "
-          f"{paper_s / 3600:,.1f} h on this CPU, memory {result['paper']['memory_gib_batch_2048']:.1f} GiB at batch 2048; "
+          f"{paper_s / 3600:,.1f} h on this machine ({result['machine']['device']}), "
+          f"memory {result['paper']['memory_gib_batch_2048']:.1f} GiB at batch 2048; "
           f"on a GPU {result['paper']['gpu_hours_at']['100 TFLOP/s'] * 60:.0f} min at 100 TFLOP/s sustained")
     write_json(args.out, result)
 
