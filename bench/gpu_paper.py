@@ -77,11 +77,11 @@ def make(d: int, D: int, k: int, dev, optimizer):
     return cc, optimizer(cc.parameters(), lr=1e-4)
 
 
-def measure_ours(x, k: int, repeat: int, dead_share: float = 0.0, profile: bool = False) -> dict:
+def measure_ours(x, D: int, k: int, repeat: int, dead_share: float = 0.0, profile: bool = False) -> dict:
     """Our training step (loss, backward, clip, fused Adam) as the trainer runs it on CUDA, timed whole and by
     phase; `dead_share` of the latents start dead, so the aux loss (A.1) runs too (one that fires revives)."""
     n, _, d = x.shape
-    dev, D = x.device, QUICK[1] if d == QUICK[0] else PAPER[1]
+    dev = x.device
     cc, opt = make(d, D, k, dev, adam)
     cfg = TrainConfig(type="batchtopk", k=k, dead_tokens=10**12)
     tsf = torch.zeros(D, dtype=torch.long, device=dev)
@@ -129,11 +129,11 @@ def measure_ours(x, k: int, repeat: int, dead_share: float = 0.0, profile: bool 
             "profile": kernel_profile(step, dev) if profile else ""}
 
 
-def measure_dense(x, k: int, repeat: int) -> dict:
+def measure_dense(x, D: int, k: int, repeat: int) -> dict:
     """The dense step (dictionary_learning's formulation) under bf16 autocast, with torch's Adam; and one bf16
     encoder matmul of the same shape."""
     n, _, d = x.shape
-    dev, D = x.device, QUICK[1] if d == QUICK[0] else PAPER[1]
+    dev = x.device
     cc, opt = make(d, D, k, dev, torch.optim.Adam)
 
     def step():
@@ -162,9 +162,9 @@ def main(argv=None):
     repeat = 3 if args.quick else 10
     torch.manual_seed(0)
     x = torch.randn(n, 2, d, device=dev) * (1 + torch.rand(1, 1, d, device=dev))
-    ours = measure_ours(x, k, repeat, profile=not args.no_profile)
-    ours_dead = measure_ours(x, k, repeat, dead_share=0.1)
-    dense = measure_dense(x, k, repeat)
+    ours = measure_ours(x, D, k, repeat, profile=not args.no_profile)
+    ours_dead = measure_ours(x, D, k, repeat, dead_share=0.1)
+    dense = measure_dense(x, D, k, repeat)
     peak = matmul_peak_tflops(dev, 1024 if args.quick else 8192)
     t_ours, t_dense, t_mm, prof = ours["step_s"], dense["step_s"], dense.pop("encoder_matmul_s"), ours.pop("profile")
     ours_dead.pop("profile")
