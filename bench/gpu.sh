@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 19's GPU measurements, one after another, each under its own time limit, into ${1:-results/bench/gpu}:
-# the bf16 BatchTopK step at the paper's shape, the crosscoder step bench, all-latent Latent Scaling measured
+# the bf16 BatchTopK step at the paper's shape, the crosscoder step bench, the read-ahead loader, all-latent Latent Scaling measured
 # up to the paper's shape, caching throughput against a bare forward, and the generated-set validation run
 # through the real trainer on CUDA (params.yaml defaults, then BatchTopK with bf16 autocast).
 #   bash bench/gpu.sh results/bench/gpu           QUICK=1 DEVICE=cpu bash bench/gpu.sh /tmp/smoke  (smoke test)
@@ -22,6 +22,7 @@ else
 fi
 run 150 paper bench/gpu_paper.py $q --out "$out/gpu_paper.json"
 run 90 crosscoder bench/bench_crosscoder.py $q --out "$out/crosscoder.json"
+run 90 loader bench/bench_loader.py $q --device "$dev" --out "$out/loader.json"
 run 120 scaling bench/estimate_scaling.py --device "$dev" --tokens 65536 --sizes "${sizes[@]}" --out "$out/scaling_estimate.json"
 run 150 cache bench/bench_cache.py --device "$dev" --model-dtype bfloat16 --tokens "$tokens" --out "$out/cache.json"
 run 240 validate bench/validate_defaults.py --device "$dev" "${sets[@]}" --out "$out/validate_defaults.json"
