@@ -41,9 +41,10 @@ def test_it_reads_ahead_while_the_consumer_works():
     it = prefetch(source(10, log), depth=2)
     assert next(it) == 0
     deadline = time.monotonic() + 5
-    while len(log["made"]) < 3 and time.monotonic() < deadline:   # 0 taken, 1 and 2 queued ahead
+    while len(log["made"]) < 4 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert log["made"] == [0, 1, 2]
+    time.sleep(0.2)
+    assert log["made"] == [0, 1, 2, 3]      # 0 taken, 1 and 2 queued, 3 waiting for room: no further
     it.close()
 
 
