@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 19's GPU measurements, one after another, each under its own time limit, into ${1:-results/bench/gpu}:
-# the bf16 BatchTopK step at the paper's shape, the crosscoder step bench, the read-ahead loader, all-latent Latent Scaling measured
-# up to the paper's shape, caching throughput against a bare forward, and the generated-set validation run
-# through the real trainer on CUDA (params.yaml defaults, then BatchTopK with bf16 autocast).
+# the bf16 BatchTopK step at the paper's shape, the crosscoder step bench, the read-ahead loader, all-latent
+# Latent Scaling measured up to the paper's shape, caching throughput against a bare forward, and the
+# generated-set validation run through the real trainer on CUDA (params.yaml defaults, then BatchTopK with
+# bf16 autocast).
 #   bash bench/gpu.sh results/bench/gpu           QUICK=1 DEVICE=cpu bash bench/gpu.sh /tmp/smoke  (smoke test)
 set -u
 out=${1:-results/bench/gpu}
