@@ -31,6 +31,8 @@ SETS = [
     ("d64-x16-r005-n05", 64, 16, 0.005, 0.05),
     ("d128-x4-r02-n01", 128, 4, 0.02, 0.01),
     ("d128-x12-r005-n02", 128, 12, 0.005, 0.02),
+    ("d128-x16-r005-n05", 128, 16, 0.005, 0.05),   # d64-x16 at twice d: a dictionary as large as the planted set
+    ("d128-x16-r0025-n05", 128, 16, 0.0025, 0.05), # and at d64-x16's true L0 (5.1): is it k against d, or against L0?
     ("d256-x4-r01-n05", 256, 4, 0.01, 0.05),
     ("d256-x16-r0025-n01", 256, 16, 0.0025, 0.01),
 ]
@@ -71,7 +73,7 @@ def row(name: str, variant: str, m: dict, seconds: float, spec: dict) -> dict:
            "bait_share_after_nu": bait_share, "fve": val.get("fve"), "l0": val.get("l0"),
            "bait_share_at_0.1": _bait_share(m, 0.1), "bait_share_at_0.5": _bait_share(m, 0.5),
            "dead": 1 - m["n_alive"] / m["n_latents"], "opposed": tr.get("opposed_decoders"), "steps": tr["steps"],
-           "k": tr.get("k"), "mu": tr.get("mu"), "target_fve": tr.get("target_fve"),
+           "k": tr.get("k"), "k_requested": tr.get("k_requested"), "mu": tr.get("mu"), "target_fve": tr.get("target_fve"),
            "health": tr["health"], "health_reasons": tr.get("health_reasons"), "seconds": round(seconds, 1)}
     if tr["kind"] == "batchtopk":
         out["pass"] = cset["recall"] >= BARS["recall"] and bait_share <= BARS["bait_share"]
@@ -80,7 +82,7 @@ def row(name: str, variant: str, m: dict, seconds: float, spec: dict) -> dict:
     return out
 
 
-COLUMNS = ("set", "true_l0", "variant", "recall", "bait_share_after_nu", "bait_share_at_0.1", "fve", "l0", "dead",
+COLUMNS = ("set", "true_l0", "variant", "k", "recall", "bait_share_after_nu", "bait_share_at_0.1", "fve", "l0", "dead",
            "opposed", "health", "steps", "seconds", "pass")
 
 

@@ -49,10 +49,13 @@ def test_pareto_front_simple_cases():
 def test_point_params_change_only_the_swept_keys():
     tk = {"type": "batchtopk", "expansion": 16, "dict_size": 999, "k": 20, "lr": 0.001, "health": {"min_fve": 0.5}}
     p = sweep.point_params(tk, 8, 4, max_steps=300)
-    assert p == {"type": "batchtopk", "expansion": 4, "k": 8, "lr": 0.001, "health": {"min_fve": 0.5}, "max_steps": 300}
+    assert p == {"type": "batchtopk", "expansion": 4, "k": 8, "lr": 0.001, "health": {"min_fve": 0.5}, "max_steps": 300,
+                 "k_max_per_dim": None}                                # the grid's k is not capped
     l1 = sweep.point_params({"type": "l1", "expansion": 16, "mu": 0.15, "lr": "auto"}, 30, 8)
     assert l1 == {"type": "l1", "expansion": 8, "mu": "auto", "target_l0": 30, "lr": "auto"}
     assert sweep.chosen(tk) == (20, 16) and sweep.chosen({"type": "l1", "expansion": 8, "mu": 0.1}) == (None, 8)
+    capped = {**tk, "k_max_per_dim": 0.125}                              # the k the pipeline's training uses
+    assert sweep.chosen(capped, 64) == (8, 16) and sweep.chosen(capped, 256) == (20, 16)
     assert sweep.grid({"sparsity": [4, 8, 4], "expansion": [2]}) == [(4, 2), (8, 2)]
     with pytest.raises(ValueError, match="sweep.variant"):
         sweep.point_params({"type": "relu", "expansion": 2}, 1, 1)

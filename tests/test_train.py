@@ -84,6 +84,16 @@ def test_batchtopk_recovers_known_directions(caches, tmp_path):
     assert (tmp_path / "out" / "dvclive" / "plots" / "metrics" / "val" / "fve.tsv").exists()
 
 
+def test_k_is_capped_at_its_share_of_d_model(caches, tmp_path):
+    """k_max_per_dim: d = 16, so 0.125 caps k = 4 at 2; training, metrics and the saved config all use the cap."""
+    train_h5, val_h5, _ = caches
+    m = train(train_h5, val_h5, tmp_path / "out", {**BTK, "k": 4, "k_max_per_dim": 0.125, "epochs": 1}, progress=False)
+    assert m["k"] == 2 and m["k_requested"] == 4 and m["target_l0"] == 2 and m["train"]["k_used"] == 2
+    assert CrossCoder.load(tmp_path / "out").cfg.k == 2
+    m = train(train_h5, val_h5, tmp_path / "free", {**BTK, "k": 4, "k_max_per_dim": None, "epochs": 1}, progress=False)
+    assert m["k"] == 4 and m["train"]["k_used"] == 4
+
+
 def test_a_dominant_mean_is_centred_and_folded_into_the_saved_model(tmp_path):
     """center: auto trains on x − E[x] when the mean carries most of E‖x‖² (as a real LM's massive
     activations do); the saved crosscoder, biases folded, gives on raw val data the FVE and L0 the run

@@ -37,5 +37,6 @@ def test_script_runs_the_real_validation_with_the_entries_as_they_are(tmp_path):
     for row in rows:
         assert 0 <= row["recall"] <= 1 and 0 <= row["dead"] <= 1 and 0 <= row["opposed"] <= 1 and row["steps"] == 40
         assert row["fve"] < 1 and row["health"] in ("pass", "fail") and isinstance(row["pass"], bool)
-    assert rows[1]["k"] == 20 and rows[0]["target_fve"] == 0.9     # params.yaml's entries, no per-set overrides
+    assert rows[0]["target_fve"] == 0.9                            # params.yaml's entries, no per-set overrides
+    assert rows[1]["k_requested"] == 20 and rows[1]["k"] == 8      # k = 20 capped at d / 8 (k_max_per_dim)
     assert "| d64-x6-r01-n01 | 3.84 | batchtopk |" in r.stdout and "chat-only recall" in r.stdout

@@ -47,6 +47,8 @@ def point_params(entry: Mapping, sparsity: int, expansion: int, max_steps: int |
         raise ValueError(f"sweep point needs positive sparsity and expansion, got {sparsity}, {expansion}")
     out = {k: v for k, v in entry.items() if k != "dict_size"}
     out.update(expansion=int(expansion), **{name: int(sparsity)})
+    if name == "k":
+        out["k_max_per_dim"] = None                 # the grid's k is what is asked about: no cap
     if name == "target_l0":
         out["mu"] = "auto"
         out.pop("target_fve", None)                 # the swept L0 is the target now
@@ -55,9 +57,13 @@ def point_params(entry: Mapping, sparsity: int, expansion: int, max_steps: int |
     return out
 
 
-def chosen(entry: Mapping) -> tuple[int | None, int]:
-    """The params' own point: (k or target_l0, expansion); sparsity None for an L1 entry with a fixed μ."""
+def chosen(entry: Mapping, d_model: int | None = None) -> tuple[int | None, int]:
+    """The params' own point: (k or target_l0, expansion); sparsity None for an L1 entry with a fixed μ.
+    BatchTopK's k is the one its training uses, capped by `k_max_per_dim` at `d_model` (TrainConfig.resolved_k)."""
     s = entry.get(knob(entry))
+    cap = entry.get("k_max_per_dim")
+    if s is not None and knob(entry) == "k" and cap is not None and d_model:
+        s = max(1, min(int(s), math.floor(cap * d_model)))
     return (int(s) if s is not None else None), int(entry["expansion"])
 
 
@@ -152,8 +158,10 @@ def aggregate(point_files: Sequence[str | Path], out: str | Path, entry: Mapping
     from crossdiff.report.figures import sweep_front
 
     out = Path(out)
-    pick = chosen(entry)
-    df = table([read_json(p) for p in point_files], pick)
+    points = [read_json(p) for p in point_files]
+    d_model = points[0]["dict_size"] // points[0]["sweep"]["expansion"] if points else None
+    pick = chosen(entry, d_model)
+    df = table(points, pick)
     write_parquet(out / "table.parquet", df)
     with atomic_path(out / "front.tsv", suffix=".tsv") as tmp:
         df.write_csv(tmp, separator="\t")

@@ -355,8 +355,8 @@ def variant_params(entry: Mapping, vp: Mapping) -> dict:
 
 # The trainer's metrics copied into each variant's block: the health verdict (crossdiff.health) with its
 # reasons, and the μ / lr a run actually used (mu: auto, lr: auto).
-TRAINING_KEYS = ("val", "steps", "dict_size", "kind", "k", "mu", "lr", "target_l0", "target_fve", "opposed_decoders",
-                 "health", "health_reasons")
+TRAINING_KEYS = ("val", "steps", "dict_size", "kind", "k", "k_requested", "mu", "lr", "target_l0", "target_fve",
+                 "opposed_decoders", "health", "health_reasons")
 
 
 def run_validation(params: Mapping, out: str | Path, work: str | Path, device: str = "auto",

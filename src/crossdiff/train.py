@@ -62,6 +62,7 @@ class TrainConfig:
     mu_calibrate: float = 1.0      # mu: auto adapts during this fraction of steps, then stays fixed
     mu_warmup: float = 0.05
     k: int | None = None           # eq. 6
+    k_max_per_dim: float | None = None  # cap k at this share of d_model (None: no cap); see resolved_k
     k_anneal: float = 0.0          # fraction of steps annealing k linearly from expansion*k (capped at D) to k
     k_aux: int | None = None       # dead latents in the aux loss; None: 256 (crossdiff), d_model // 2 (authors)
     aux_alpha: float = 1 / 32      # eq. 9
@@ -127,6 +128,14 @@ class TrainConfig:
         if self.init_norm is not None:
             return float(self.init_norm)
         return AUTHORS_INIT_NORM[self.type] if self.init == "authors" else 0.1
+
+    def resolved_k(self, d_model: int) -> int | None:
+        """k, capped at ⌊k_max_per_dim · d_model⌋ when that is set. Why: with k a large share of d, a token's k
+        active decoders span enough of the space for a dense code to replace the features, and Δnorm breaks
+        (README, d64-x16: chat-only recall 0 at k = 20 = 0.31·d, 0.79 at 0.19·d, 0.97 at k = 8 = d/8)."""
+        if self.k is None or self.k_max_per_dim is None:
+            return self.k
+        return max(1, min(self.k, math.floor(self.k_max_per_dim * d_model)))
 
     def resolved_k_aux(self, d_model: int) -> int:
         """k_aux if set, else 256 (ours) or d_model // 2 (the authors' `top_k_aux = activation_dim // 2`,
@@ -445,6 +454,11 @@ def train(train_path: str | Path, val_path: str | Path | None, out: str | Path, 
     if spe == 0:
         raise ValueError(f"{train_path}: {cache.n} rows is fewer than one batch of {cfg.batch_size}")
     total = total_steps(cfg, spe, D)
+    k_requested = cfg.k
+    if cfg.type == "batchtopk" and cfg.resolved_k(d) != cfg.k:
+        cfg = dataclasses.replace(cfg, k=cfg.resolved_k(d))
+        log.warning("k = %d capped to %d = floor(k_max_per_dim %g x d_model %d): a larger k lets a dense code "
+                    "replace the features (set k_max_per_dim: null to keep k)", k_requested, cfg.k, cfg.k_max_per_dim, d)
     if cfg.type == "batchtopk" and cfg.k > D:
         raise ValueError(f"k={cfg.k} exceeds the dictionary size {D}")
     lr = resolved_lr(cfg, D)
@@ -578,7 +592,7 @@ def train(train_path: str | Path, val_path: str | Path | None, out: str | Path, 
     last = history[-1] if history else {}
     n0, rec0, sp0 = early.tolist()
     metrics = {"train": last.get("train"), "val": last.get("val"), "steps": total, "tokens": total * cfg.batch_size,
-               "dict_size": D, "kind": cfg.type, "k": cfg.k, "mu": mu, "lr": lr,
+               "dict_size": D, "kind": cfg.type, "k": cfg.k, "k_requested": k_requested, "mu": mu, "lr": lr,
                "normalisation": cfg.normalisation, "scale": cc.scale.tolist(), "norm_ratio": norms[1] / norms[0],
                "centered": centered, "mean_share": mean_share,
                "init": cfg.init, "init_norm": cc.cfg.init_norm, "aux_loss": cfg.aux_loss,
