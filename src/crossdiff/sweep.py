@@ -60,10 +60,11 @@ def point_params(entry: Mapping, sparsity: int, expansion: int, max_steps: int |
 def chosen(entry: Mapping, d_model: int | None = None) -> tuple[int | None, int]:
     """The params' own point: (k or target_l0, expansion); sparsity None for an L1 entry with a fixed μ.
     BatchTopK's k is the one its training uses, capped by `k_max_per_dim` at `d_model` (TrainConfig.resolved_k)."""
+    from crossdiff.train import capped_k
+
     s = entry.get(knob(entry))
-    cap = entry.get("k_max_per_dim")
-    if s is not None and knob(entry) == "k" and cap is not None and d_model:
-        s = max(1, min(int(s), math.floor(cap * d_model)))
+    if knob(entry) == "k" and d_model:
+        s = capped_k(s, entry.get("k_max_per_dim"), d_model)
     return (int(s) if s is not None else None), int(entry["expansion"])
 
 

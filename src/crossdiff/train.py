@@ -130,12 +130,7 @@ class TrainConfig:
         return AUTHORS_INIT_NORM[self.type] if self.init == "authors" else 0.1
 
     def resolved_k(self, d_model: int) -> int | None:
-        """k, capped at ⌊k_max_per_dim · d_model⌋ when that is set. Why: with k a large share of d, a token's k
-        active decoders span enough of the space for a dense code to replace the features, and Δnorm breaks
-        (README, d64-x16: chat-only recall 0 at k = 20 = 0.31·d, 0.79 at 0.19·d, 0.97 at k = 8 = d/8)."""
-        if self.k is None or self.k_max_per_dim is None:
-            return self.k
-        return max(1, min(self.k, math.floor(self.k_max_per_dim * d_model)))
+        return capped_k(self.k, self.k_max_per_dim, d_model)
 
     def resolved_k_aux(self, d_model: int) -> int:
         """k_aux if set, else 256 (ours) or d_model // 2 (the authors' `top_k_aux = activation_dim // 2`,
@@ -143,6 +138,15 @@ class TrainConfig:
         if self.k_aux is not None:
             return int(self.k_aux)
         return max(1, d_model // 2) if self.aux_loss == "authors" else 256
+
+
+def capped_k(k: int | None, k_max_per_dim: float | None, d_model: int) -> int | None:
+    """k, capped at ⌊k_max_per_dim · d_model⌋ when that is set. Why: with k a large share of d, a token's k
+    active decoders span enough of the space for a dense code to replace the features, and Δnorm breaks
+    (README, d64-x16: chat-only recall 0 at k = 20 = 0.31·d, 0.79 at 0.19·d, 0.97 at k = 8 = d/8)."""
+    if k is None or k_max_per_dim is None:
+        return k
+    return max(1, min(int(k), math.floor(k_max_per_dim * d_model)))
 
 
 # -- schedules -----------------------------------------------------------------------------------
