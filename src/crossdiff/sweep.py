@@ -59,7 +59,7 @@ def point_params(entry: Mapping, sparsity: int, expansion: int, max_steps: int |
 
 def chosen(entry: Mapping, d_model: int | None = None) -> tuple[int | None, int]:
     """The params' own point: (k or target_l0, expansion); sparsity None for an L1 entry with a fixed μ.
-    BatchTopK's k is the one its training uses, capped by `k_max_per_dim` at `d_model` (TrainConfig.resolved_k)."""
+    BatchTopK's k is the one its training uses, capped by `k_max_per_dim` at `d_model` (crossdiff.train.capped_k)."""
     from crossdiff.train import capped_k
 
     s = entry.get(knob(entry))

@@ -458,9 +458,9 @@ def train(train_path: str | Path, val_path: str | Path | None, out: str | Path, 
     if spe == 0:
         raise ValueError(f"{train_path}: {cache.n} rows is fewer than one batch of {cfg.batch_size}")
     total = total_steps(cfg, spe, D)
-    k_requested = cfg.k
-    if cfg.type == "batchtopk" and cfg.resolved_k(d) != cfg.k:
-        cfg = dataclasses.replace(cfg, k=cfg.resolved_k(d))
+    k_requested, k = cfg.k, cfg.resolved_k(d)
+    if cfg.type == "batchtopk" and k != k_requested:
+        cfg = dataclasses.replace(cfg, k=k)
         log.warning("k = %d capped to %d = floor(k_max_per_dim %g x d_model %d): a larger k lets a dense code "
                     "replace the features (set k_max_per_dim: null to keep k)", k_requested, cfg.k, cfg.k_max_per_dim, d)
     if cfg.type == "batchtopk" and cfg.k > D:
