@@ -3,8 +3,9 @@ authors' dictionary_learning does it (scatter the batch top-k into a dense f, f 
 
 Same model, loss (eq. 6-9, recon = ‖ε‖₂), data and threads, measured in the same run; each side steps with its
 trainer's Adam (ours fused, `train.adam`; the authors' torch's multi-tensor default). No latent
-is dead at these step counts, so neither side pays for the aux loss. Also reports achieved GFLOP/s of our
-step against a plain matmul of the encoder's shape (the step's unavoidable dense part: the roofline), twice:
+is dead at these step counts, so neither side pays for the aux loss (`aux` times that term alone, both
+ways). Also reports achieved GFLOP/s of our step against a plain matmul of the encoder's shape (the step's
+unavoidable dense part: the roofline), twice:
 `x @ W` as PyTorch runs it (a fresh N×D output, page-faulted in each call: the reference of earlier runs) and
 `mm(x, W, out=buf)` into a reused buffer (the GEMM alone). `step_over_matmul` is the whole step (loss,
 backward, clip, Adam); `loss_backward_over_matmul` is the optimiser-independent part (issue 19's target).
@@ -14,6 +15,7 @@ falls below `L1_SPARSE_DENSITY`) against the dense L1 step, at the same weights 
 so that L0 ≈ k (a trained L1's regime: the toy pair's ends at L0 ≈ 6.5 of 2,048).
 """
 
+import math
 import sys
 from pathlib import Path
 
@@ -22,8 +24,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import parser, timeit, write_result  # noqa: E402  (after the sys.path insert that finds bench/common.py)
 
-from crossdiff.crosscoder import CrossCoder, CrossCoderConfig  # noqa: E402  (after the sys.path insert that finds bench/common.py)
-from crossdiff.train import TrainConfig, adam, batchtopk_loss, l1_loss, recon_per_token  # noqa: E402  (after the sys.path insert that finds bench/common.py)
+from crossdiff import train as train_module  # noqa: E402  (after the sys.path insert that finds bench/common.py)
+from crossdiff.crosscoder import CrossCoder, CrossCoderConfig, batchtopk_v  # noqa: E402  (after the sys.path insert)
+from crossdiff.train import (  # noqa: E402  (after the sys.path insert that finds bench/common.py)
+    AUX_DENSE_SHARE,
+    TrainConfig,
+    adam,
+    aux_reconstruction,
+    batchtopk_loss,
+    l1_loss,
+    recon_per_token,
+)
 
 
 def dense_loss(cc: CrossCoder, x, k):
@@ -58,6 +69,30 @@ def l1_steps(x, d, D, k, dev, repeat) -> dict:
         l0[sparse] = float(step()["l0"])
     return {"dense_step_s": times[False], "sparse_step_s": times[True], "ratio": times[False] / times[True],
             "l0": l0[True]}
+
+
+def aux_paths(cc, x, k_aux, dev, repeat) -> dict:
+    """The aux term (eq. 9) forward + backward, dense on the dead columns vs per-entry sparse, at n_dead = k_aux
+    (every dead latent taken) and 4·k_aux (a per-token top-k first): `train.AUX_DENSE_SHARE` picks the path."""
+    out = {}
+    w = cc.latent_weights().detach()
+    v, _ = batchtopk_v(cc, x)
+    v = v.clone()
+    for mult in (1, 4):
+        dead = torch.zeros(cc.cfg.dict_size, dtype=torch.bool, device=dev)
+        dead[torch.randperm(cc.cfg.dict_size, device=dev)[:mult * k_aux]] = True
+        row = {}
+        for path, share in (("dense", 0.0), ("sparse", math.inf)):
+            train_module.AUX_DENSE_SHARE = share
+
+            def step(dead=dead):
+                cc.zero_grad(set_to_none=True)
+                aux_reconstruction(cc, x, v, w, dead, k_aux).square().sum().backward()
+            row[f"{path}_s"] = timeit(step, repeat=repeat)
+        row["sparse_over_dense"] = row["sparse_s"] / row["dense_s"]
+        out[f"n_dead_{mult}x_k_aux"] = row
+    train_module.AUX_DENSE_SHARE = AUX_DENSE_SHARE
+    return out
 
 
 def main(argv=None):
@@ -114,6 +149,7 @@ def main(argv=None):
     mm_flops = 2 * n * 2 * d * D
     step_flops = mm_flops + 2 * n * k * 2 * d * 4        # encoder fwd + sparse decode fwd/bwd + encoder bwd
     l1 = l1_steps(x, d, D, k, dev, repeat)
+    aux = aux_paths(cc_o, x, 128, dev, repeat)
     res = write_result(
         args.out, "crosscoder",
         ours={"tokens_per_s": n / t_o, "step_s": t_o, "gflops": step_flops / t_o / 1e9},
@@ -126,6 +162,7 @@ def main(argv=None):
                   "step_over_matmul_prealloc": t_o / t_mm_buf,
                   "loss_backward_over_matmul_prealloc": t_lb / t_mm_buf},
         l1=l1,
+        aux=aux,
         threads=torch.get_num_threads(),
     )
     print(res)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from crossdiff import train as train_module
 from crossdiff.crosscoder import (
     CrossCoder,
     CrossCoderConfig,
@@ -161,8 +162,11 @@ def brute_batchtopk(cc, x, k, dead, k_aux, alpha, recon="norm"):
     return loss, vmin
 
 
+@pytest.mark.parametrize("aux_path", ["dense", "sparse"])
 @pytest.mark.parametrize("n_dead,k_aux", [(0, 4), (10, 4), (10, 10), (10, 25), (DICT, 8)])
-def test_batchtopk_loss_matches_brute_force(n_dead, k_aux):
+def test_batchtopk_loss_matches_brute_force(n_dead, k_aux, aux_path, monkeypatch):
+    """Both ways of computing the aux term (dense on the dead columns, sparse per entry) against eq. 6-9."""
+    monkeypatch.setattr(train_module, "AUX_DENSE_SHARE", 0.0 if aux_path == "dense" else math.inf)
     cc = make("batchtopk", k=3)
     x = torch.randn(N, 2, D_MODEL)
     tsf = torch.zeros(DICT, dtype=torch.long)

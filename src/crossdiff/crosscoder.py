@@ -475,6 +475,39 @@ class _SparseDecode(torch.autograd.Function):
         return gv, gW, None
 
 
+class _ColumnActs(torch.autograd.Function):
+    """Values f_j(x_n) on a few whole columns (N, C), differentiable w.r.t. W_enc and b_enc (eq. 1).
+
+    For a selection that fills a large share of a few columns (the aux loss's dead latents): the backward is
+    one dense (2d, N) × (N, C) product instead of a CSR product over every entry. Unselected entries hold 0.
+    """
+
+    @staticmethod
+    def forward(ctx, values, x_flat, W_enc, b_enc, cols):
+        ctx.save_for_backward(values, x_flat, cols)
+        ctx.enc_shape = W_enc.shape
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        values, x_flat, cols = ctx.saved_tensors
+        g = g * (values > 0)                                            # ReLU' (and 0 off the selection)
+        D = ctx.enc_shape[-1]
+        gW = g.new_zeros(x_flat.shape[1], D).index_copy_(1, cols, x_flat.t() @ g)
+        gb = g.new_zeros(D).index_copy_(0, cols, g.sum(0))
+        return None, None, gW.reshape(ctx.enc_shape), gb, None
+
+
+def acts_from_v(v: Tensor, w: Tensor) -> Tensor:
+    """f = ReLU(v) / w from v = (pre-ReLU f)·w (A.1); 0 where w = 0 (a latent with a zero decoder)."""
+    return torch.where(w > 0, v.clamp_min(0) / w, 0.0)                  # eq. 1 ReLU
+
+
+def column_acts(cc: CrossCoder, x: Tensor, values: Tensor, cols: Tensor) -> Tensor:
+    """`values` (N, C): f on latents `cols` (0 where unselected), with the dense encoder backward."""
+    return _ColumnActs.apply(values, x.reshape(x.shape[0], -1), cc.W_enc, cc.b_enc, cols)
+
+
 def selected_acts(cc: CrossCoder, x: Tensor, f: Tensor, sel: Selection, w: Tensor | None = None) -> Tensor:
     """f at the selected entries (E,), with the sparse encoder backward.
 
@@ -485,8 +518,7 @@ def selected_acts(cc: CrossCoder, x: Tensor, f: Tensor, sel: Selection, w: Tenso
     """
     values = sel.gather(f)
     if w is not None:
-        wc = w[sel.cols]
-        values = torch.where(wc > 0, values.clamp_min(0) / wc, 0.0)    # eq. 1 ReLU, f = v / w
+        values = acts_from_v(values, w[sel.cols])
     return _SelectedActs.apply(values, x.reshape(x.shape[0], -1), cc.W_enc, cc.b_enc, sel)
 
 
