@@ -43,6 +43,7 @@ from crossdiff.crosscoder import (
     column_acts,
     geometric_median,
     scale_from_norms,
+    scratch,
     selected_acts,
     sparse_decode,
 )
@@ -226,10 +227,10 @@ def l1_loss_sparse(cc: CrossCoder, x: Tensor, mu: float, recon: str = "norm") ->
     """`l1_loss` computed over the entries with f > 0 only: eq. 1's ReLU zeroes every other entry *and* its
     gradient, so the selection {f > 0} carries the whole loss and the whole gradient (decode, sparsity, both
     backwards as CSR products, O(L0·N·d)). The encoder matmul runs once, without autograd."""
-    n = x.shape[0]
-    with torch.no_grad():
-        pre = cc.pre_acts(x)                                             # eq. 1, ReLU applied: f ≥ 0
-        sel = Selection.from_mask(pre > 0)
+    n, D = x.shape[0], cc.cfg.dict_size
+    with torch.no_grad():                                                # eq. 1, ReLU applied: f ≥ 0
+        pre = cc.pre_acts(x, out=scratch(cc, "_v_buffer", (n, D), x.dtype, x.device))
+        sel = Selection.from_mask(torch.gt(pre, 0, out=scratch(cc, "_mask_buffer", (n, D), torch.bool, x.device)))
     vals = selected_acts(cc, x, pre, sel)                                # f_j(x_n) > 0, differentiable
     eps = x - (sparse_decode(cc, vals, sel) + cc.b_dec)                 # eq. 2
     rec = recon_per_token(eps, recon).mean()
@@ -346,7 +347,8 @@ def evaluate(cc: CrossCoder, cache, batch_size: int = 4096, limit: int | None = 
         x = cc.normalize(batch["acts"].to(dev))
         if center is not None:
             x = x - center
-        f = cc.encode_normalized(x)
+        buf = scratch(cc, "_eval_buffer", (x.shape[0], cc.cfg.dict_size), x.dtype, dev) if dev.type == "cpu" else None
+        f = cc.encode_normalized(x, out=buf)
         active = f > 0                                                    # f ≥ 0: its support
         eps = x - cc.decode_support(f, active)
         for key, t in (("h", x), ("e", eps)):
