@@ -19,7 +19,7 @@ rule analyse_latents:
         log_of("analyse_latents", "-{variant}"),
     benchmark:
         benchmark_of("analyse_latents", "-{variant}")
-    threads: workflow.cores
+    threads: LIGHT_THREADS
     conda:
         ENV
     shell:

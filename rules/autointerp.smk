@@ -20,7 +20,7 @@ rule collect_examples:
         log_of("collect_examples", "-{variant}"),
     benchmark:
         benchmark_of("collect_examples", "-{variant}")
-    threads: workflow.cores
+    threads: LIGHT_THREADS
     conda:
         ENV
     shell:
@@ -49,7 +49,7 @@ rule explain_and_score:
         log_of("explain_and_score", "-{variant}"),
     benchmark:
         benchmark_of("explain_and_score", "-{variant}")
-    threads: workflow.cores
+    threads: LIGHT_THREADS
     resources:
         gpu=1,
     conda:

@@ -16,7 +16,7 @@ rule generate_eval_set:
         log_of("generate_eval_set"),
     benchmark:
         benchmark_of("generate_eval_set")
-    threads: workflow.cores
+    threads: LIGHT_THREADS
     resources:
         gpu=1,
     conda:
@@ -46,7 +46,7 @@ rule causal_kl:
         log_of("causal_kl", "-{variant}"),
     benchmark:
         benchmark_of("causal_kl", "-{variant}")
-    threads: workflow.cores
+    threads: LIGHT_THREADS
     resources:
         gpu=1,
     conda:

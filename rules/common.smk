@@ -43,6 +43,11 @@ ENV = "../envs/crossdiff.yaml"
 # thread (crossdiff.crosscoder.serial), and two 1-thread runs on 2 cores train 1.31x as many tokens per
 # second as two 2-thread runs in turn (measured, issue 19). Snakemake sets OMP_NUM_THREADS to `threads`.
 TRAIN_THREADS = max(1, workflow.cores // 2)
+# So do the light per-crosscoder jobs (latent analysis, causal KL, autointerp and its server, the pair's
+# evals): on 2 cores they used 0.8-1.7 CPU-seconds per second of wall (Snakemake benchmarks, issue 19),
+# mostly start-up and small ops that a second thread barely speeds up. Pipeline builds, caching and the
+# synthetic validation scale (1.4-1.9) and keep all cores.
+LIGHT_THREADS = TRAIN_THREADS
 
 # Model weights: built by `models` for a built pair, otherwise HF ids / local dirs.
 PACKAGED_DIR = f"results/models/packaged/{PACKAGED}" if PACKAGED else None

@@ -93,7 +93,7 @@ if BUILT:
             log_of("evaluate_pair"),
         benchmark:
             benchmark_of("evaluate_pair")
-        threads: workflow.cores
+        threads: LIGHT_THREADS
         resources:
             mem_mb=4000,
             gpu=1,

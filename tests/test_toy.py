@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import polars as pl
 import pytest
@@ -14,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma2ForCausalLM
 from crossdiff import config as cfgmod
 from crossdiff.generation import greedy_responses, stop_ids
 from crossdiff.toy import ToyConfig, build_pair, corpus
-from crossdiff.toy.build import build_tokenizer, chat_rows, write_corpora
+from crossdiff.toy.build import build_tokenizer, chat_rows, job_threads, write_corpora
 from crossdiff.toy.evaluate import collate, eval_prompts, mean_loss
 from crossdiff.toy.finetune import FinetuneConfig
 from crossdiff.toy.pair_eval import PairEvalConfig, evaluate_pair
@@ -240,3 +241,14 @@ def test_config_defaults_match_params_and_bad_keys_fail():
     assert FinetuneConfig.from_dict(all_params["finetune"]) == FinetuneConfig()
     with pytest.raises(ValueError, match="unknown pair_eval params"):
         PairEvalConfig.from_dict({"eval_prompt": 3})
+
+
+def test_threads_zero_means_the_jobs_share_of_cores(monkeypatch):
+    """`threads: 0` follows OMP_NUM_THREADS (Snakemake sets it to the rule's threads, so two 1-thread jobs on
+    2 cores do not take 2 threads each), and every usable core without it."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert job_threads() == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert job_threads() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
+    assert job_threads() == len(os.sched_getaffinity(0))

@@ -244,7 +244,12 @@ def _save(model, tokenizer, path: Path, stop_ids: list[int]) -> None:
     tokenizer.save_pretrained(path)
 
 
-def _threads() -> int:
+def job_threads() -> int:
+    """The job's cores: OMP_NUM_THREADS when set (Snakemake sets it to the rule's `threads`, and two jobs may
+    share the machine), else every core this process may use."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -256,7 +261,7 @@ def build_pair(out_dir: str | os.PathLike, params: Mapping[str, Any] | ToyConfig
     cfg = params if isinstance(params, ToyConfig) else ToyConfig.from_dict(params or {})
     out = Path(out_dir)
     tmp = staging_dir(out)
-    torch.set_num_threads(cfg.threads or _threads())
+    torch.set_num_threads(cfg.threads or job_threads())
     seed_everything(cfg.seed)
     timings, t0, cpu0 = {}, time.perf_counter(), time.process_time()
 

@@ -34,7 +34,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .. import lora
 from ..cli import seed_everything
-from .build import _save, _threads, chat_rows, checked_dataclass, publish, staging_dir, train, web_rows, write_corpora
+from .build import (
+    _save,
+    chat_rows,
+    checked_dataclass,
+    job_threads,
+    publish,
+    staging_dir,
+    train,
+    web_rows,
+    write_corpora,
+)
 from .evaluate import target_loss
 from .tokenizer import END
 
@@ -91,7 +101,7 @@ def finetune_pair(base_dir: str | os.PathLike, out_dir: str | os.PathLike,
     cfg = params if isinstance(params, FinetuneConfig) else FinetuneConfig.from_dict(params or {})
     out = Path(out_dir)
     tmp = staging_dir(out)
-    torch.set_num_threads(cfg.threads or _threads())
+    torch.set_num_threads(cfg.threads or job_threads())
     seed_everything(cfg.seed)
     timings, t0 = {}, time.perf_counter()
 

@@ -26,7 +26,7 @@ from ..config import Runtime
 from ..generation import stop_ids
 from ..models import DTYPES
 from . import evaluate
-from .build import _threads, chat_rows, checked_dataclass, web_rows
+from .build import chat_rows, checked_dataclass, job_threads, web_rows
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def evaluate_pair(models_dir: str | os.PathLike, out_dir: str | os.PathLike, par
     """`params` = the {pair_eval, models, device} slice. Returns (and writes) `{out}/evaluation.json`."""
     cfg = PairEvalConfig.from_dict(params.get("pair_eval", {}))
     rt = Runtime.from_params(params, device)
-    torch.set_num_threads(cfg.threads or _threads())
+    torch.set_num_threads(cfg.threads or job_threads())
     models_dir, out = Path(models_dir), Path(out_dir)
     t0 = time.perf_counter()
 
