@@ -14,6 +14,7 @@ from crossdiff.crosscoder import (
     batchtopk_v,
     indices_ge,
     scale_from_norms,
+    scratch,
     selected_acts,
     sparse_decode,
 )
@@ -270,6 +271,17 @@ def test_batchtopk_v_is_f_times_w_in_a_reused_buffer():
     v2, _ = batchtopk_v(cc, 2 * x)
     assert v2.data_ptr() == v.data_ptr()                               # same scratch buffer, step after step
     assert set(cc.state_dict()) == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold", "scale"}
+
+
+def test_scratch_reuses_its_buffer_and_serves_shorter_batches_from_it():
+    cc = make()
+    a = scratch(cc, "_t", (8, 5), torch.float32, torch.device("cpu"))
+    assert scratch(cc, "_t", (8, 5), torch.float32, torch.device("cpu")).data_ptr() == a.data_ptr()
+    short = scratch(cc, "_t", (3, 5), torch.float32, torch.device("cpu"))   # a last, partial batch
+    assert short.shape == (3, 5) and short.is_contiguous() and short.data_ptr() == a.data_ptr()
+    assert scratch(cc, "_t", (8, 6), torch.float32, torch.device("cpu")).data_ptr() != a.data_ptr()
+    assert scratch(cc, "_t", (9, 6), torch.float32, torch.device("cpu")).shape == (9, 6)   # longer: a new one
+    assert "_t" not in cc.state_dict()
 
 
 def test_optimised_steps_match_dense_reference():

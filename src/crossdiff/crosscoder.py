@@ -248,13 +248,15 @@ PARALLEL_WORK = 1 << 22   # multiply-adds above which a sparse product is worth 
 
 
 def scratch(cc: CrossCoder, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A buffer kept on `cc` between calls (never in the state dict), reallocated only when its shape, dtype or
-    device changes. A fresh N×D block is returned to the OS on free and page-faulted in again every step
-    (measured 15 ms of a 63 ms matmul). Its contents are overwritten by the next caller of the same name."""
+    """A buffer kept on `cc` between calls (never in the state dict): a fresh N×D block is returned to the OS on
+    free and page-faulted in again every step (measured 15 ms of a 63 ms matmul). A shorter request (a last,
+    partial batch) gets the buffer's first rows; other shapes, dtypes or devices reallocate. Its contents are
+    overwritten by the next caller of the same name."""
     buf = cc.__dict__.get(name)
-    if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
+    if (buf is None or buf.shape[0] < shape[0] or buf.shape[1:] != shape[1:] or buf.dtype != dtype
+            or buf.device != device):
         buf = cc.__dict__[name] = torch.empty(shape, dtype=dtype, device=device)
-    return buf
+    return buf[:shape[0]]
 
 
 @contextlib.contextmanager
