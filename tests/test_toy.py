@@ -13,9 +13,10 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma2ForCausalLM
 
 from crossdiff import config as cfgmod
+from crossdiff.cli import job_threads
 from crossdiff.generation import greedy_responses, stop_ids
 from crossdiff.toy import ToyConfig, build_pair, corpus
-from crossdiff.toy.build import build_tokenizer, chat_rows, job_threads, write_corpora
+from crossdiff.toy.build import build_tokenizer, chat_rows, write_corpora
 from crossdiff.toy.evaluate import collate, eval_prompts, mean_loss
 from crossdiff.toy.finetune import FinetuneConfig
 from crossdiff.toy.pair_eval import PairEvalConfig, evaluate_pair

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from transformers import Gemma2Config, Gemma2ForCausalLM, GenerationConfig
 
 from .. import io
-from ..cli import seed_everything
+from ..cli import job_threads, seed_everything
 from . import corpus
 from .evaluate import Row, collate
 from .tokenizer import END, assistant_labels, train_tokenizer, training_texts
@@ -242,15 +242,6 @@ def _save(model, tokenizer, path: Path, stop_ids: list[int]) -> None:
     )
     model.save_pretrained(path)  # safetensors
     tokenizer.save_pretrained(path)
-
-
-def job_threads() -> int:
-    """The job's cores: OMP_NUM_THREADS when set (Snakemake sets it to the rule's `threads`, and two jobs may
-    share the machine), else every core this process may use."""
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def build_pair(out_dir: str | os.PathLike, params: Mapping[str, Any] | ToyConfig | None = None) -> dict:

@@ -33,12 +33,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .. import lora
-from ..cli import seed_everything
+from ..cli import job_threads, seed_everything
 from .build import (
     _save,
     chat_rows,
     checked_dataclass,
-    job_threads,
     publish,
     staging_dir,
     train,

@@ -21,12 +21,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .. import io
-from ..cli import resolve_device
+from ..cli import job_threads, resolve_device
 from ..config import Runtime
 from ..generation import stop_ids
 from ..models import DTYPES
 from . import evaluate
-from .build import chat_rows, checked_dataclass, job_threads, web_rows
+from .build import chat_rows, checked_dataclass, web_rows
 
 log = logging.getLogger(__name__)
 
