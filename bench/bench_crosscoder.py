@@ -27,7 +27,6 @@ from common import parser, timeit, write_result  # noqa: E402  (after the sys.pa
 from crossdiff import train as train_module  # noqa: E402  (after the sys.path insert that finds bench/common.py)
 from crossdiff.crosscoder import CrossCoder, CrossCoderConfig, batchtopk_v  # noqa: E402  (after the sys.path insert)
 from crossdiff.train import (  # noqa: E402  (after the sys.path insert that finds bench/common.py)
-    AUX_DENSE_SHARE,
     TrainConfig,
     adam,
     aux_reconstruction,
@@ -74,24 +73,25 @@ def l1_steps(x, d, D, k, dev, repeat) -> dict:
 def aux_paths(cc, x, k_aux, dev, repeat) -> dict:
     """The aux term (eq. 9) forward + backward, dense on the dead columns vs per-entry sparse, at n_dead = k_aux
     (every dead latent taken) and 4·k_aux (a per-token top-k first): `train.AUX_DENSE_SHARE` picks the path."""
-    out = {}
+    out, share_default = {}, train_module.AUX_DENSE_SHARE
     w = cc.latent_weights().detach()
-    v, _ = batchtopk_v(cc, x)
-    v = v.clone()
-    for mult in (1, 4):
-        dead = torch.zeros(cc.cfg.dict_size, dtype=torch.bool, device=dev)
-        dead[torch.randperm(cc.cfg.dict_size, device=dev)[:mult * k_aux]] = True
-        row = {}
-        for path, share in (("dense", 0.0), ("sparse", math.inf)):
-            train_module.AUX_DENSE_SHARE = share
+    v = batchtopk_v(cc, x)[0].clone()
+    try:
+        for mult in (1, 4):
+            dead = torch.zeros(cc.cfg.dict_size, dtype=torch.bool, device=dev)
+            dead[torch.randperm(cc.cfg.dict_size, device=dev)[:mult * k_aux]] = True
+            row = {}
+            for path, share in (("dense", 0.0), ("sparse", math.inf)):
+                train_module.AUX_DENSE_SHARE = share
 
-            def step(dead=dead):
-                cc.zero_grad(set_to_none=True)
-                aux_reconstruction(cc, x, v, w, dead, k_aux).square().sum().backward()
-            row[f"{path}_s"] = timeit(step, repeat=repeat)
-        row["sparse_over_dense"] = row["sparse_s"] / row["dense_s"]
-        out[f"n_dead_{mult}x_k_aux"] = row
-    train_module.AUX_DENSE_SHARE = AUX_DENSE_SHARE
+                def step(dead=dead):
+                    cc.zero_grad(set_to_none=True)
+                    aux_reconstruction(cc, x, v, w, dead, k_aux).square().sum().backward()
+                row[f"{path}_s"] = timeit(step, repeat=repeat)
+            row["sparse_over_dense"] = row["sparse_s"] / row["dense_s"]
+            out[f"n_dead_{mult}x_k_aux"] = row
+    finally:
+        train_module.AUX_DENSE_SHARE = share_default
     return out
 
 
