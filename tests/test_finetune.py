@@ -167,9 +167,9 @@ def test_adapters_trained_on_bfloat16_merge_into_float32_weights(tiny_tokenizer)
 
 
 def test_train_dtype_auto_resolves_and_rejects_unknown():
-    from crossdiff.toy.finetune import resolve_train_dtype
-    assert resolve_train_dtype("auto") in (torch.bfloat16, torch.float32)
-    assert resolve_train_dtype("float32") is torch.float32
+    from crossdiff.toy.build import resolve_train_dtype
+    assert resolve_train_dtype("auto", "finetune") in (torch.bfloat16, torch.float32)
+    assert resolve_train_dtype("float32", "finetune") is torch.float32
     with pytest.raises(ValueError, match="train_dtype"):
-        resolve_train_dtype("float16")
+        resolve_train_dtype("float16", "finetune")
 

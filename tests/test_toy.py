@@ -16,8 +16,8 @@ from crossdiff import config as cfgmod
 from crossdiff.cli import job_threads
 from crossdiff.generation import greedy_responses, stop_ids
 from crossdiff.toy import ToyConfig, build_pair, corpus
-from crossdiff.toy.build import build_tokenizer, chat_rows, write_corpora
-from crossdiff.toy.evaluate import collate, eval_prompts, mean_loss
+from crossdiff.toy.build import build_tokenizer, chat_rows, model_config, train, write_corpora
+from crossdiff.toy.evaluate import collate, eval_prompts, mean_loss, target_loss
 from crossdiff.toy.finetune import FinetuneConfig
 from crossdiff.toy.pair_eval import PairEvalConfig, evaluate_pair
 from crossdiff.toy.tokenizer import assistant_labels
@@ -219,6 +219,38 @@ def test_heldout_chat_loss_matches_a_direct_computation(pair, tokenizer):
                     total += F.cross_entropy(logits[t - 1], torch.tensor(ids[t])).item()
                     count += 1
     assert mean_loss(model, rows, tokenizer.pad_token_id) == pytest.approx(total / count, rel=1e-5)
+
+
+def test_training_loss_is_hfs_causal_lm_loss(tokenizer):
+    """The toy trains on `target_loss` (the vocabulary head at target positions only): the same mean cross-entropy,
+    soft-cap included, as HF's causal-LM loss over every position, with padding and non-target turns masked."""
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(model_config(ToyConfig(**TINY), tokenizer))
+    ids, att, labels = collate([assistant_labels(tokenizer, CONV), assistant_labels(tokenizer, CONV[:2])],
+                               tokenizer.pad_token_id)
+    want = model(input_ids=ids, attention_mask=att, labels=labels).loss
+    got = target_loss(model, ids, att, labels)
+    torch.testing.assert_close(got, want)
+    grads = torch.autograd.grad(got, model.lm_head.weight)[0], torch.autograd.grad(want, model.lm_head.weight)[0]
+    torch.testing.assert_close(*grads)
+
+
+def test_bf16_autocast_trains_float32_weights_with_bf16_matmuls(tokenizer):
+    """`toy.train_dtype: bfloat16`: autocast (the matmuls' inputs rounded to bf16), weights and Adam in float32;
+    the loss stays within bf16 rounding of the float32 step's."""
+    rows = [assistant_labels(tokenizer, CONV)] * 4
+    losses = {}
+    for dtype in (None, torch.bfloat16):
+        torch.manual_seed(0)
+        model = Gemma2ForCausalLM(model_config(ToyConfig(**TINY), tokenizer))
+        seen = []
+        hook = model.lm_head.register_forward_hook(lambda m, i, o, seen=seen: seen.append(o.dtype))
+        losses[dtype] = train(model, [(rows, 1.0)], 3, 4, 1e-3, 0, tokenizer.pad_token_id, "t", autocast=dtype)["losses"]
+        hook.remove()
+        assert seen == [dtype or torch.float32] * 3
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert losses[torch.bfloat16] != losses[None]
+    assert losses[torch.bfloat16] == pytest.approx(losses[None], rel=0.02)
 
 
 def test_training_is_seeded(pair, tmp_path):

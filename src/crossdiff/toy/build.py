@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -31,7 +32,7 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, GenerationConfig
 from .. import io
 from ..cli import job_threads, seed_everything
 from . import corpus
-from .evaluate import Row, collate
+from .evaluate import Row, collate, target_loss
 from .tokenizer import END, assistant_labels, train_tokenizer, training_texts
 
 log = logging.getLogger(__name__)
@@ -84,10 +85,12 @@ class ToyConfig:
     finetune_lr: float = 1.5e-3
     finetune_web_frac: float = 0.1  # share of fine-tuning batches that are web text (limits forgetting)
     threads: int = 0  # torch threads; 0 = all available cores
+    train_dtype: str = "bfloat16"  # matmul precision while training (autocast; weights stay float32)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ToyConfig:
         cfg = checked_dataclass(cls, d, "toy")
+        resolve_train_dtype(cfg.train_dtype, "toy")
         if cfg.hidden_size % cfg.num_heads:
             raise ValueError(f"toy.hidden_size ({cfg.hidden_size}) must be divisible by toy.num_heads ({cfg.num_heads})")
         if not 0 <= cfg.finetune_web_frac < 1:
@@ -141,6 +144,20 @@ def chat_rows(tokenizer, conversations: Sequence[Sequence[dict]], max_len: int) 
     return rows
 
 
+def resolve_train_dtype(name: str, section: str) -> torch.dtype:
+    """`auto` = bfloat16 where this CPU multiplies it natively (avx512_bf16 / AMX), else float32 (emulated
+    bfloat16 is slower than float32, with the same rounding)."""
+    if name == "auto":
+        return torch.bfloat16 if native_bf16() else torch.float32
+    if name not in ("bfloat16", "float32"):
+        raise ValueError(f"{section}.train_dtype must be auto, bfloat16 or float32, got {name!r}")
+    return getattr(torch, name)
+
+
+def native_bf16() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def _optimizer(model, lr: float) -> torch.optim.Optimizer:
     trainable = [p for p in model.parameters() if p.requires_grad]  # all, or only adapters (crossdiff.lora)
     decay = [p for p in trainable if p.dim() >= 2]  # nanoGPT: no decay on norms
@@ -185,16 +202,13 @@ class _Batches:
         return [self.rows[i] for i in self.queue.pop()]
 
 
-def causal_lm_loss(model, ids, att, labels):
-    """HF's causal-LM loss: mean cross-entropy over the target positions (-100 elsewhere)."""
-    return model(input_ids=ids, attention_mask=att, labels=labels).loss
-
-
 def train(model, sources: Sequence[tuple[Sequence[Row], float]], steps: int, batch_size: int, lr: float,
-          seed: int, pad_id: int, desc: str, loss_fn=causal_lm_loss) -> dict:
+          seed: int, pad_id: int, desc: str, loss_fn=target_loss, autocast: torch.dtype | None = None) -> dict:
     """AdamW on the trainable parameters, batches drawn from `(rows, weight)` sources (a whole batch per draw,
     so each batch is length-bucketed within one source). `loss_fn(model, ids, att, labels)` is the mean
-    cross-entropy over target positions. Returns the loss curve and the tokens seen.
+    cross-entropy over target positions (HF's causal-LM loss, with the vocabulary head run at targets only);
+    `autocast` (e.g. bfloat16) runs its matmuls in that precision, with float32 weights and optimizer. Returns
+    the loss curve and the tokens seen.
     """
     g = torch.Generator().manual_seed(seed)
     streams = [_Batches(rows, batch_size, g) for rows, w in sources if w > 0]
@@ -207,7 +221,8 @@ def train(model, sources: Sequence[tuple[Sequence[Row], float]], steps: int, bat
     bar = tqdm(range(steps), desc=desc, mininterval=2.0)
     for _ in bar:
         ids, att, labels = collate(streams[int(torch.multinomial(weights, 1, generator=g))].next(), pad_id)
-        loss = loss_fn(model, ids, att, labels)
+        with torch.autocast(ids.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            loss = loss_fn(model, ids, att, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
@@ -264,18 +279,24 @@ def build_pair(out_dir: str | os.PathLike, params: Mapping[str, Any] | ToyConfig
     chat_train = chat_rows(tokenizer, split["train"][1]["messages"].to_list(), cfg.max_len)
     pad = tokenizer.pad_token_id
     stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END)]
+    dtype = resolve_train_dtype(cfg.train_dtype, "toy")
+    if dtype == torch.bfloat16 and not native_bf16():
+        log.warning("toy.train_dtype bfloat16 runs emulated on this CPU (slower than float32, the same pair); "
+                    "float32 is faster here but trains a different pair")
+    run = functools.partial(train, pad_id=pad, autocast=dtype if dtype != torch.float32 else None)
 
     t = time.perf_counter()
     base = Gemma2ForCausalLM(model_config(cfg, tokenizer))
     n_params = sum(p.numel() for p in base.parameters())
-    log.info("toy base: %d parameters, %d web / %d chat training rows", n_params, len(web_train), len(chat_train))
-    pre = train(base, [(web_train, 1.0)], cfg.pretrain_steps, cfg.batch_size, cfg.lr, cfg.seed, pad, "pretrain base")
+    log.info("toy base: %d parameters, %d web / %d chat training rows, %s matmuls", n_params, len(web_train),
+             len(chat_train), dtype)
+    pre = run(base, [(web_train, 1.0)], cfg.pretrain_steps, cfg.batch_size, cfg.lr, cfg.seed, desc="pretrain base")
     timings["pretrain"] = time.perf_counter() - t
 
     t = time.perf_counter()
     chat_model = copy.deepcopy(base)
-    ft = train(chat_model, [(chat_train, 1 - cfg.finetune_web_frac), (web_train, cfg.finetune_web_frac)],
-               cfg.finetune_steps, cfg.batch_size, cfg.finetune_lr, cfg.seed + 1, pad, "fine-tune chat")
+    ft = run(chat_model, [(chat_train, 1 - cfg.finetune_web_frac), (web_train, cfg.finetune_web_frac)],
+             cfg.finetune_steps, cfg.batch_size, cfg.finetune_lr, cfg.seed + 1, desc="fine-tune chat")
     timings["finetune"] = time.perf_counter() - t
 
     _save(base, tokenizer, tmp / "base", [tokenizer.eos_token_id])
@@ -288,6 +309,7 @@ def build_pair(out_dir: str | os.PathLike, params: Mapping[str, Any] | ToyConfig
         "train": {name: {"final_loss": sum(r["losses"][-20:]) / len(r["losses"][-20:]), "tokens": r["tokens"],
                          "tokens_per_s": r["tokens"] / timings[name]} for name, r in (("pretrain", pre), ("finetune", ft))},
         "n_params": n_params,
+        "train_dtype": str(dtype).removeprefix("torch."),
         "rows": {"web_train": len(web_train), "chat_train": len(chat_train),
                  "web_heldout": split["heldout"][0].height, "chat_heldout": split["heldout"][1].height},
         "time_s": timings,

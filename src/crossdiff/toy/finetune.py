@@ -39,6 +39,7 @@ from .build import (
     chat_rows,
     checked_dataclass,
     publish,
+    resolve_train_dtype,
     staging_dir,
     train,
     web_rows,
@@ -84,16 +85,6 @@ class FinetuneConfig:
         return checked_dataclass(cls, d, "finetune")
 
 
-def resolve_train_dtype(name: str) -> torch.dtype:
-    """`auto` = bfloat16 where this CPU multiplies it natively (avx512_bf16 / AMX), else float32 (emulated
-    bfloat16 is slower than float32)."""
-    if name == "auto":
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
-    if name not in ("bfloat16", "float32"):
-        raise ValueError(f"finetune.train_dtype must be auto, bfloat16 or float32, got {name!r}")
-    return getattr(torch, name)
-
-
 def finetune_pair(base_dir: str | os.PathLike, out_dir: str | os.PathLike,
                   params: Mapping[str, Any] | FinetuneConfig | None = None) -> dict:
     """Write `{out}/base` (the base), `{out}/chat` (its chat fine-tune), `{out}/data`, `{out}/metrics.json`."""
@@ -117,7 +108,7 @@ def finetune_pair(base_dir: str | os.PathLike, out_dir: str | os.PathLike,
     pad = tokenizer.pad_token_id
     stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END)]
 
-    dtype = resolve_train_dtype(cfg.train_dtype)
+    dtype = resolve_train_dtype(cfg.train_dtype, "finetune")
     student = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
     adapters = lora.add_adapters(student, cfg.rank, cfg.alpha)
     log.info("chat fine-tune: %d adapter parameters on a %s base, %d chat / %d web training rows",
