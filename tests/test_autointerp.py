@@ -180,6 +180,11 @@ def test_minilm_embeds_offline_and_separates_topics():
     assert e.shape == (3, 384)
     np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
     assert e[0] @ e[1] > e[0] @ e[2] + 0.2
+    # its bf16 matmuls against MiniLM in float32
+    ref = negatives.load_minilm("cpu").encode(["Copper conducts heat.", "Metals like copper conduct heat well.",
+                                               "Tell me a joke."], normalize_embeddings=True)
+    assert (e * ref).sum(1).min() > 0.999
+    assert negatives.embed([]).shape == (0, 384)
 
 
 def test_collect_examples_stage_from_files(tmp_path, tiny_tokenizer):
