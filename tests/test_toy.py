@@ -231,20 +231,24 @@ def test_training_loss_is_hfs_causal_lm_loss(tokenizer):
     want = model(input_ids=ids, attention_mask=att, labels=labels).loss
     got = target_loss(model, ids, att, labels)
     torch.testing.assert_close(got, want)
+    padded = collate([assistant_labels(tokenizer, CONV), assistant_labels(tokenizer, CONV[:2])],
+                     tokenizer.pad_token_id, multiple=16)                # as the toy trains: padding to x16
+    assert padded[0].shape[1] % 16 == 0 and padded[0].shape[1] - ids.shape[1] in range(16)
+    torch.testing.assert_close(target_loss(model, *padded), want)
     grads = torch.autograd.grad(got, model.lm_head.weight)[0], torch.autograd.grad(want, model.lm_head.weight)[0]
     torch.testing.assert_close(*grads)
 
 
 def test_bf16_autocast_trains_float32_weights_with_bf16_matmuls(tokenizer):
-    """`toy.train_dtype: bfloat16`: autocast (the matmuls' inputs rounded to bf16), weights and Adam in float32;
-    the loss stays within bf16 rounding of the float32 step's."""
+    """`toy.train_dtype: bfloat16`: autocast (the layers' matmuls in bf16; the head, whose row count changes every
+    batch, in float32), weights and Adam in float32; the loss stays within bf16 rounding of the float32 step's."""
     rows = [assistant_labels(tokenizer, CONV)] * 4
     losses = {}
     for dtype in (None, torch.bfloat16):
         torch.manual_seed(0)
         model = Gemma2ForCausalLM(model_config(ToyConfig(**TINY), tokenizer))
         seen = []
-        hook = model.lm_head.register_forward_hook(lambda m, i, o, seen=seen: seen.append(o.dtype))
+        hook = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o, seen=seen: seen.append(o.dtype))
         losses[dtype] = train(model, [(rows, 1.0)], 3, 4, 1e-3, 0, tokenizer.pad_token_id, "t", autocast=dtype)["losses"]
         hook.remove()
         assert seen == [dtype or torch.float32] * 3

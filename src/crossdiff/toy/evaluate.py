@@ -15,9 +15,10 @@ from .head_loss import linear_cross_entropy
 Row = tuple[list[int], list[bool]]  # token ids and which positions are targets
 
 
-def collate(rows: Sequence[Row], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded (input_ids, attention_mask, labels) with -100 where there is no target."""
-    T = max(len(ids) for ids, _ in rows)
+def collate(rows: Sequence[Row], pad_id: int, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, attention_mask, labels) with -100 where there is no target; the length is the
+    longest row's, rounded up to a `multiple`."""
+    T = -(-max(len(ids) for ids, _ in rows) // multiple) * multiple
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     att = torch.zeros((len(rows), T), dtype=torch.long)
     labels = torch.full((len(rows), T), -100, dtype=torch.long)
@@ -41,7 +42,8 @@ def target_loss(model, ids, att, labels, decision_weight: float = 1.0):
     head = model.get_output_embeddings()
     cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)  # Gemma 2 style soft-cap
     if getattr(head, "bias", None) is not None or head.weight.requires_grad:         # not the frozen plain head
-        logits = head(hidden[keep]).float()
+        with torch.autocast(hidden.device.type, enabled=False):  # float32: the row count changes every batch, and
+            logits = head(hidden[keep].float())                   # bf16 kernels are kept per shape (toy.build)
         if cap:
             logits = cap * torch.tanh(logits / cap)
         return (F.cross_entropy(logits, target[keep], reduction="none") * w).sum() / w.sum()
