@@ -202,18 +202,19 @@ class _Batches:
         return [self.rows[i] for i in self.queue.pop()]
 
 
-# Batches pad to a multiple of 16 positions: oneDNN keeps a bf16 kernel per matmul shape, and one shape per
-# sequence length grew the build's RSS from 1.4 to 4.3 GB (2.6 GB after 300 steps; 1.4 GB padded).
+# The toy's batches pad to a multiple of 16 positions: oneDNN keeps a bf16 kernel per matmul shape, and one
+# shape per sequence length grew the build's RSS from 1.4 to 4.3 GB (2.6 GB after 300 steps; 1.4 GB padded).
 PAD_MULTIPLE = 16
 
 
 def train(model, sources: Sequence[tuple[Sequence[Row], float]], steps: int, batch_size: int, lr: float,
-          seed: int, pad_id: int, desc: str, loss_fn=target_loss, autocast: torch.dtype | None = None) -> dict:
+          seed: int, pad_id: int, desc: str, loss_fn=target_loss, autocast: torch.dtype | None = None,
+          pad_multiple: int = 1) -> dict:
     """AdamW on the trainable parameters, batches drawn from `(rows, weight)` sources (a whole batch per draw,
     so each batch is length-bucketed within one source). `loss_fn(model, ids, att, labels)` is the mean
     cross-entropy over target positions (HF's causal-LM loss, with the vocabulary head run at targets only);
-    `autocast` (e.g. bfloat16) runs its matmuls in that precision, with float32 weights and optimizer. Returns
-    the loss curve and the tokens seen.
+    `autocast` (e.g. bfloat16) runs its matmuls in that precision, with float32 weights and optimizer; batches
+    pad to a multiple of `pad_multiple` positions. Returns the loss curve and the tokens seen.
     """
     g = torch.Generator().manual_seed(seed)
     streams = [_Batches(rows, batch_size, g) for rows, w in sources if w > 0]
@@ -226,7 +227,7 @@ def train(model, sources: Sequence[tuple[Sequence[Row], float]], steps: int, bat
     bar = tqdm(range(steps), desc=desc, mininterval=2.0)
     for _ in bar:
         ids, att, labels = collate(streams[int(torch.multinomial(weights, 1, generator=g))].next(), pad_id,
-                                   multiple=PAD_MULTIPLE)
+                                   multiple=pad_multiple)
         with torch.autocast(ids.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             loss = loss_fn(model, ids, att, labels)
         loss.backward()
@@ -287,9 +288,10 @@ def build_pair(out_dir: str | os.PathLike, params: Mapping[str, Any] | ToyConfig
     stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END)]
     dtype = resolve_train_dtype(cfg.train_dtype, "toy")
     if dtype == torch.bfloat16 and not native_bf16():
-        log.warning("toy.train_dtype bfloat16 runs emulated on this CPU (slower than float32, the same pair); "
-                    "float32 is faster here but trains a different pair")
-    run = functools.partial(train, pad_id=pad, autocast=dtype if dtype != torch.float32 else None)
+        log.warning("toy.train_dtype bfloat16 runs emulated on this CPU (slower than float32, rounded as on CPUs "
+                    "with bf16 units); float32 is faster here but trains a different pair")
+    run = functools.partial(train, pad_id=pad, autocast=dtype if dtype != torch.float32 else None,
+                            pad_multiple=PAD_MULTIPLE)
 
     t = time.perf_counter()
     base = Gemma2ForCausalLM(model_config(cfg, tokenizer))
