@@ -237,6 +237,16 @@ def test_reader_refuses_non_finite_rows(tmp_path):
         list(c.iter_shuffled(batch_size=10, seed=0))
 
 
+def test_reader_accepts_finite_rows_whose_sum_overflows(tmp_path):
+    """The reader's one-pass check sums a batch; a float32 cache of huge finite values overflows that sum and
+    must fall through to the exact row check, which passes them."""
+    base = np.full((40, 4), 3e37, np.float32)
+    c = ActivationCache(_hand_written(tmp_path / "acts.h5", base, chat=base))
+    (x,) = [b["acts"] for b in c.iter_sequential(40, fields=("acts",))]
+    assert not torch.isfinite(x.sum()) and torch.isfinite(x).all() and x.shape == (40, 2, 4)
+    assert sum(b.shape[0] for b in c.iter_shuffled(batch_size=10, seed=0)) == 40
+
+
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     """A cache in the public format written by hand: row i holds i in base and -i in chat (exact in float16)."""

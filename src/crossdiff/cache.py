@@ -457,6 +457,8 @@ class ActivationCache:
     def _tensor(self, buf: np.ndarray, rows: np.ndarray, device) -> Tensor:
         """Stored rows -> (B, 2, d) float32; a non-finite row is an error naming it (never trained on)."""
         x = from_storage(buf, self.dtype)
+        if torch.isfinite(x.sum()):  # one pass (0.5 of a 1.7 ms batch went to the row check); an overflowed sum
+            return x.to(device)      # of finite rows falls through to the exact check, which then passes
         bad = ~torch.isfinite(x).all(-1).all(-1)
         if bad.any():
             raise CacheError(f"{self.path}: non-finite activations in {int(bad.sum())} rows, first at row "

@@ -659,8 +659,10 @@ class _Window:
         for k in ("loss", "recon", "sparsity", "aux", "l0", "dead", "k_used"):
             if k in r:
                 self.sums[k] = self.sums.get(k, 0) + torch.as_tensor(r[k], device=self.dev).detach().double()
-        self.err += r["eps"].double().pow(2).sum((0, 2))
-        self.var += (x - x.mean(0)).double().pow(2).sum((0, 2))
+        # per-step sums in float32 (pairwise summation), accumulated in float64: a float64 copy of two N×2×d
+        # tensors every step cost 0.6 ms of a 28 ms toy step
+        self.err += r["eps"].pow(2).sum((0, 2)).double()
+        self.var += (x - x.mean(0)).pow(2).sum((0, 2)).double()
         self.n += 1
 
     def flush(self) -> dict:
