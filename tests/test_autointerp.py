@@ -641,9 +641,9 @@ def test_packaged_explainer_exports_serves_explains_and_scores(smollm2_dir, tmp_
     examples = pl.DataFrame(rows, schema_overrides={"tercile": pl.Int8})
     ai = {"seed": 0, "score_batch": 10, "max_tokens": 200, "temperature": 0.0, "constrain": "auto",
           "endpoint": {"base_url": "", "model": "package:smollm2-135m-instruct", "api_key_env": "", "concurrency": 1,
-                       "timeout_s": 120, "retries": 0}}
-    with pipeline.open_endpoint(ai, tmp_path / "cache", serve_model=str(smollm2_dir)) as client:
-        assert client.model == str(smollm2_dir)
+                       "timeout_s": 120, "retries": 0, "dtype": "bfloat16"}}
+    with pipeline.open_endpoint(ai, tmp_path / "cache", serve_model=str(smollm2_dir), dtype="float32") as client:
+        assert client.model == str(smollm2_dir) and client.server.dtype == "bfloat16"  # endpoint.dtype wins
         expl, scores, metrics = pipeline.explain_and_score(examples, client, ai)
         assert client.server.requests_served() == 2  # one explain call, one score call
     assert expl[0]["parsed"] and 3 <= len(expl[0]["explanation"]) <= 300 and "\n" not in expl[0]["explanation"]
@@ -651,6 +651,12 @@ def test_packaged_explainer_exports_serves_explains_and_scores(smollm2_dir, tmp_
     assert scores["n_unparsed"][0] == 0 and scores["n_pos"][0] == 1
     with pytest.raises(ValueError, match="exported folder"):
         pipeline.served_model("package:smollm2-135m-instruct", None)
+
+
+def test_serve_dtype_is_the_endpoints_unless_auto():
+    assert pipeline.serve_dtype({"dtype": "bfloat16"}, "float32") == "bfloat16"
+    assert pipeline.serve_dtype({"dtype": "auto"}, "float32") == "float32"
+    assert pipeline.serve_dtype({}, "float16") == "float16"  # an endpoint section written before the key existed
 
 
 def test_packaged_model_sha256_is_checked(monkeypatch, tmp_path):

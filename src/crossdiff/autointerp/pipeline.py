@@ -40,10 +40,18 @@ def open_endpoint(params: dict, cache_dir: str | os.PathLike, serve_model: str |
         yield LLMClient(ep["base_url"], ep["model"], api_key=key, **kw)
         return
     model = served_model(ep["model"], serve_model)
-    with server.serve(model, dtype=dtype, device=device, log_path=Path(cache_dir) / "server.log") as srv:
+    with server.serve(model, dtype=serve_dtype(ep, dtype), device=device, log_path=Path(cache_dir) / "server.log") as srv:
         client = LLMClient(srv.base_url, srv.model, **kw)
         client.server = srv  # the local server behind this client (for its request count and log)
         yield client
+
+
+def serve_dtype(endpoint: dict, runtime_dtype: str) -> str:
+    """The local server's weights: `endpoint.dtype`, or `runtime_dtype` (the pipeline's models.dtype) when that
+    is auto or unset. bf16 by default: prefill-bound calls (a scorer prompt is ~620 tokens for 10 answer
+    tokens) run 1.4x faster on bf16 units, while decoding a token is slower (63 vs 46 ms)."""
+    dtype = endpoint.get("dtype", "auto")
+    return runtime_dtype if dtype == "auto" else dtype
 
 
 def served_model(model: str, serve_model: str | None) -> str:

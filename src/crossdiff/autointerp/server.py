@@ -53,7 +53,7 @@ class LocalServer:
             raise ServerError(f"cannot serve {model!r}: not a local model directory (no config.json)")
         if not Path(model).exists():
             log.info("%r is not a local dir: serving it as a hub id from the local HF cache (offline)", model)
-        self.model, self.port, self.log_path = model, port, Path(log_path)
+        self.model, self.port, self.log_path, self.dtype = model, port, Path(log_path), dtype
         self.base_url = f"http://127.0.0.1:{port}/v1"
         cmd = [
             sys.executable, "-m", "transformers.cli.transformers", "serve", model,
