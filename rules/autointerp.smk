@@ -3,11 +3,32 @@
 # are also checked against the planted behaviours their latents detect (validate_behaviours).
 
 
+rule embed_windows:
+    input:
+        val=f"{ACTS}/val.h5",
+    output:
+        f"{AUTOINTERP}/window_embeddings.npy",
+    params:
+        chat_model=lambda w: CHAT_MODEL,
+        p=params_of("embed_windows"),
+    log:
+        log_of("embed_windows"),
+    benchmark:
+        benchmark_of("embed_windows")
+    threads: LIGHT_THREADS
+    conda:
+        ENV
+    shell:
+        "python workflow_scripts/embed_windows.py --params {params.p:q} --val {input.val} --tokenizer {params.chat_model:q}"
+        " --out {output} 2>&1 | tee {log}"
+
+
 rule collect_examples:
     input:
         model=f"{CC}/{{variant}}/model.safetensors",
         latents=f"{ANALYSIS}/{{variant}}/latents.parquet",
         val=f"{ACTS}/val.h5",
+        windows=f"{AUTOINTERP}/window_embeddings.npy",
         behaviours=[f"results/validate/{PAIR}/behaviours.json"] if BUILT else [],
     output:
         f"{AUTOINTERP}/{{variant}}/examples.parquet",
@@ -26,6 +47,7 @@ rule collect_examples:
     shell:
         "python workflow_scripts/collect_examples.py --params {params.p:q} --crosscoder {params.cc}/{wildcards.variant}"
         " --latents {input.latents} --val {input.val} --tokenizer {params.chat_model:q} --out {output}"
+        " --window-embeddings {input.windows}"
         " {params.behaviours} 2>&1 | tee {log}"
 
 

@@ -84,6 +84,7 @@ STAGES = {
     "compare_variants": ["analysis"],
     "generate_eval_set": ["models", "causal", "device"],
     "causal_kl": ["models", "layer", "causal", "device"],
+    "embed_windows": ["autointerp.window", "device"],
     "collect_examples": ["autointerp", "device"],
     "explain_and_score": ["autointerp", "models", "device"],
     "validate_synthetic": ["validate", "crosscoders", "analysis", "device"],

@@ -241,6 +241,22 @@ def test_collect_examples_stage_from_files(tmp_path, tiny_tokenizer):
         assert row["text"] == tiny_tokenizer.decode(tokens[a:a + len(row["acts"])].tolist())
         assert row["klass"] == sel.filter(pl.col("latent") == row["latent"])["klass"][0]
 
+    # embed_windows once, shared by every variant: the same examples as embedding inside collect_examples
+    embed = runpy.run_path(str(ROOT / "workflow_scripts" / "embed_windows.py"))
+    embed["main"](["--params", json.dumps({"autointerp": {"window": 10}}), "--val", str(tmp_path / "val.h5"),
+                   "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "windows.npy")])
+    emb = np.load(tmp_path / "windows.npy")
+    n_windows = len(ex.window_starts(np.arange(n) // 50, 10))
+    assert emb.shape == (n_windows, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    script["main"](["--params", json.dumps({"autointerp": ai}), "--crosscoder", str(tmp_path / "cc"),
+                    "--latents", str(tmp_path / "lat.parquet"), "--val", str(tmp_path / "val.h5"),
+                    "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "examples2.parquet"),
+                    "--window-embeddings", str(tmp_path / "windows.npy")])
+    assert pl.read_parquet(tmp_path / "examples2.parquet").equals(out)
+    assert (out["split"] == "negative_similar").sum() > 0
+    with pytest.raises(ValueError, match="rebuild them"):
+        ex.collect(acts, sel, tiny_tokenizer, 10, 2, 2, seed=0, window_emb=emb[:-1])
+
 
 # ---------------------------------------------------------------- prompts and parsing
 

@@ -5,6 +5,8 @@ best detect a behaviour (AUROC >= autointerp.behaviour_auroc; at most autointerp
 spread over behaviours) are collected too, so that their explanations can be checked against that behaviour.
 """
 
+import numpy as np
+
 from crossdiff import cli, io
 from crossdiff.autointerp.examples import collect_examples
 from crossdiff.autointerp.ground_truth import behaviour_latents, pick_behaviour_latents
@@ -19,6 +21,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True, help="examples.parquet")
     p.add_argument("--behaviours", default=None, help="behaviours.json of the pair (planted behaviours), optional")
     p.add_argument("--variant", default=None, help="this crosscoder variant's name in behaviours.json")
+    p.add_argument("--window-embeddings", default=None, help="window_embeddings.npy of this val cache (embed_windows); "
+                   "default: embed the windows here")
     p.add_argument("--device", default=None, help="overrides params `device` (auto | cpu | cuda[:N])")
     args, params = cli.parse(p, argv)
     ai = params["autointerp"]
@@ -30,7 +34,8 @@ def main(argv=None) -> None:
         truth = behaviour_latents(variants[args.variant], ai["behaviour_auroc"])
         extra = pick_behaviour_latents(truth, ai["max_behaviour_latents"])
     examples = collect_examples(args.crosscoder, args.latents, args.val, args.tokenizer, ai,
-                                device=cli.resolve_device(cli.device_name(args, params)), behaviour_latents=extra)
+                                device=cli.resolve_device(cli.device_name(args, params)), behaviour_latents=extra,
+                                window_emb=np.load(args.window_embeddings) if args.window_embeddings else None)
     io.write_parquet(args.out, examples)
 
 

@@ -131,6 +131,31 @@ def window_starts(seq: np.ndarray, window: int) -> np.ndarray:
     return np.flatnonzero((np.arange(n) - run_start) % window == 0)
 
 
+def window_texts(tokens: np.ndarray, seq: np.ndarray, tokenizer, window: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """First row, end row and decoded text of every window of a cached token stream."""
+    starts = window_starts(seq, window)
+    ends = np.r_[starts[1:], len(seq)]
+    return starts, ends, [tokenizer.decode(tokens[a:b].tolist()) for a, b in zip(starts, ends)]
+
+
+def embed_windows(val_path, tokenizer_path, window: int, device: str = "cpu", batch_rows: int = 1 << 16) -> np.ndarray:
+    """MiniLM embeddings (n_windows, 384) of every window of the val cache, in window order.
+
+    They depend on the cache and `window` only, not on a crosscoder, so one pass serves the negatives of
+    every variant (`collect`): the toy demo embedded the same ~3,400 windows once per variant, 25 s each.
+    """
+    from transformers import AutoTokenizer
+
+    from ..cache import ActivationCache
+
+    parts = list(ActivationCache(val_path).iter_sequential(batch_rows, fields=("tokens", "seq")))
+    tokens = np.concatenate([_np(b["tokens"]) for b in parts]) if parts else np.empty(0, np.int64)
+    seq = np.concatenate([_np(b["seq"]) for b in parts]) if parts else np.empty(0, np.int64)
+    _, _, texts = window_texts(tokens, seq, AutoTokenizer.from_pretrained(tokenizer_path), window)
+    log.info("embedding %d windows with all-MiniLM-L6-v2", len(texts))
+    return negatives.embed(texts, device=device)
+
+
 def window_max(acts: SparseActs, starts: np.ndarray, n_latents: int) -> np.ndarray:
     """(n_windows, n_latents) max activation of each latent in each window (0 = not activating)."""
     out = np.zeros((len(starts), n_latents), np.float32)
@@ -177,17 +202,20 @@ def interleave_terciles(windows: Sequence[int], terciles: Sequence[int]) -> list
 
 
 def collect(acts: SparseActs, selected: pl.DataFrame, tokenizer, window: int, n_explain: int, n_score: int,
-            seed: int, embed_device: str = "cpu") -> pl.DataFrame:
-    """The examples table: one row per (latent, window, split); see SPLITS. Per-token activations included."""
+            seed: int, embed_device: str = "cpu", window_emb: np.ndarray | None = None) -> pl.DataFrame:
+    """The examples table: one row per (latent, window, split); see SPLITS. Per-token activations included.
+
+    `window_emb`: every window's MiniLM embedding (`embed_windows`), else they are computed here."""
     latents = selected["latent"].to_list()
     klass = dict(zip(latents, selected["klass"].to_list()))
     why = dict(zip(latents, selected["why"].to_list())) if "why" in selected.columns else {}
-    starts = window_starts(acts.seq, window)
-    ends = np.r_[starts[1:], len(acts.seq)]
+    starts, ends, texts = window_texts(acts.tokens, acts.seq, tokenizer, window)
+    if window_emb is not None and window_emb.shape != (len(starts), 384):
+        raise ValueError(f"window embeddings of shape {window_emb.shape}, but the val cache has {len(starts)} windows "
+                         f"of {window} tokens: rebuild them (embed_windows) from this cache and window")
     wmax = window_max(acts, starts, len(latents))
     rng = np.random.default_rng(seed)
     token_str = {int(t): tokenizer.decode([int(t)]) for t in np.unique(acts.tokens)}
-    texts = [tokenizer.decode(acts.tokens[a:b].tolist()) for a, b in zip(starts, ends)]
 
     chosen: dict[int, list[tuple[int, int | None, str]]] = {}
     queries = []
@@ -197,12 +225,12 @@ def collect(acts: SparseActs, selected: pl.DataFrame, tokenizer, window: int, n_
         joined = interleave_terciles([w for w, _ in score], [t for _, t in score])
         queries.append(" ".join(texts[w] for w in joined))  # paper A.10: all activating examples in one string
 
-    # Embed every window that is a negative candidate for some latent, and the per-latent queries.
-    candidate_any = np.flatnonzero((wmax == 0).any(axis=1))
-    log.info("embedding %d candidate windows and %d queries with all-MiniLM-L6-v2", len(candidate_any), len(queries))
-    emb = np.zeros((len(starts), 384), np.float32)
-    if len(candidate_any):
-        emb[candidate_any] = negatives.embed([texts[w] for w in candidate_any], device=embed_device)
+    # Every window's embedding (the negatives are drawn from them) and each latent's query.
+    if window_emb is None:
+        log.info("embedding %d windows with all-MiniLM-L6-v2", len(texts))
+        window_emb = negatives.embed(texts, device=embed_device)
+    emb = window_emb
+    log.info("embedding %d queries with all-MiniLM-L6-v2", len(queries))
     q_emb = negatives.embed(queries, device=embed_device) if queries else np.zeros((0, 384), np.float32)
 
     for k, latent in enumerate(latents):
@@ -238,7 +266,8 @@ def collect(acts: SparseActs, selected: pl.DataFrame, tokenizer, window: int, n_
 
 
 def collect_examples(crosscoder_dir, latents_path, val_path, tokenizer_path, params: dict,
-                     device: str | torch.device = "cpu", behaviour_latents: Sequence[int] = ()) -> pl.DataFrame:
+                     device: str | torch.device = "cpu", behaviour_latents: Sequence[int] = (),
+                     window_emb: np.ndarray | None = None) -> pl.DataFrame:
     """The `collect_examples` stage: select latents, stream the val cache, pick windows and negatives."""
     from transformers import AutoTokenizer
 
@@ -253,4 +282,4 @@ def collect_examples(crosscoder_dir, latents_path, val_path, tokenizer_path, par
                               params["batch_size"], device)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     return collect(acts, selected, tokenizer, params["window"], params["examples_per_tercile"],
-                   params["score_per_tercile"], params["seed"])
+                   params["score_per_tercile"], params["seed"], window_emb=window_emb)
